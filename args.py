@@ -1,0 +1,135 @@
+"""Command-line options of every script, with their defaults in one place.
+
+`train_parser()` serves both training scripts, `validate_parser()` serves validate_NC.py.
+Both are plain argparse parsers, so a researcher's own script can extend them.
+"""
+import argparse
+
+DATASETS = ("mnist", "mnist_sample", "cifar10", "cifar10_random", "mini_imagenet")
+MODELS = ("resnet18", "resnet34", "resnet50", "MLP", "ResNet18_adapt")
+LOSSES = ("MSE", "RescaledMSE", "CrossEntropy")
+FIRST_ORDER = ("SGD", "Adam")
+SECOND_ORDER = ("LBFGS",)
+LOADERS = ("auto", "device", "torch")
+AMP = ("none", "bf16")
+
+# Flags that fix the network; validation reads them from the run and refuses disagreements.
+MODEL_FLAGS = ("model", "width", "depth", "bias", "ETF_fc", "fixdim", "SOTA", "dataset")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input in one line (the usage block is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", choices=MODELS,
+                   help="network; resnet18 as in the paper, MLP/ResNet18_adapt for cifar10_random")
+    g.add_argument("--width", type=positive_int, default=1024,
+                   help="MLP hidden width, or the base channel count k of ResNet18_adapt")
+    g.add_argument("--depth", type=positive_int, default=6, help="number of hidden layers of the MLP")
+    g.add_argument("--no-bias", dest="bias", action="store_false",
+                   help="no bias in the last layer (then the optimum is an orthogonal frame)")
+    g.add_argument("--ETF_fc", "--ETF", dest="ETF_fc", action="store_true",
+                   help="freeze the classifier as a simplex ETF (needs feature dimension >= classes)")
+    g.add_argument("--fixdim", type=int, default=0,
+                   help="feature dimension d of ResNets (0: the architecture's own, 512 for ResNet-18)")
+    g.add_argument("--SOTA", action="store_true",
+                   help="CIFAR-style ResNet stem (3x3 conv, no max-pool) and crop/flip augmentation")
+
+
+def add_data_args(parser, batch_size):
+    g = parser.add_argument_group("data and device")
+    g.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    g.add_argument("--data_dir", default="~/data", help="where data sets are found or downloaded to")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size)
+    g.add_argument("--gpu_id", type=int, default=0, help="CUDA device index; the CPU is used when there is no GPU")
+    g.add_argument("--device", default=None, help="explicit torch device ('cpu', 'cuda:1'); overrides --gpu_id")
+    g.add_argument("--loader", default="auto", choices=LOADERS,
+                   help="device: whole data set on the device as uint8, batched augmentation; "
+                        "torch: torchvision transforms in a DataLoader; auto: device when it fits")
+    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers of the torch loader")
+
+
+def train_parser(default_optimizer="SGD", description=None):
+    p = Parser(description=description)
+    add_model_args(p)
+    add_data_args(p, batch_size=128)
+    g = p.add_argument_group("run directory")
+    g.add_argument("--uid", default=None,
+                   help="run name; the run lives in <save_dir>/<uid>/ (default: timestamp plus a random id)")
+    g.add_argument("--save_dir", default="model_weights", help="folder that holds the run directories")
+    g.add_argument("--force", action="store_true", help="start over in an existing run directory")
+    g.add_argument("--resume", action="store_true", help="continue the run --uid from its last complete epoch")
+    g.add_argument("--seed", type=int, default=6)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=positive_int, default=200)
+    g.add_argument("--loss", default="MSE", choices=LOSSES)
+    g.add_argument("--M", type=float, default=1.0, help="RescaledMSE: target value of the true class")
+    g.add_argument("--k", type=float, default=1.0, help="RescaledMSE: weight of the true class (alpha in the paper)")
+    g.add_argument("--sample_size", type=positive_int, default=None, help="training images per class (default: all)")
+    g.add_argument("--optimizer", default=default_optimizer, choices=FIRST_ORDER + SECOND_ORDER,
+                   help="SGD and Adam run in train_1st_order.py, LBFGS in train_2nd_order.py")
+    g.add_argument("--lr", type=positive_float, default=0.1)
+    g.add_argument("--patience", type=positive_int, default=40, help="StepLR: epochs between decays")
+    g.add_argument("--decay_type", default="step",
+                   help="step (every --patience epochs), step_a_b_c (at epochs a, b, c) or cosine")
+    g.add_argument("--gamma", type=positive_float, default=0.1, help="learning-rate decay factor")
+    g.add_argument("--weight_decay", type=nonnegative_float, default=5e-4)
+    g.add_argument("--sep_decay", action="store_true",
+                   help="decay only the classifier (W, b) and the features h, instead of all parameters")
+    g.add_argument("--feature_decay_rate", type=nonnegative_float, default=1e-4,
+                   help="--sep_decay: weight of (1/2) sum_i ||h_i||^2 over the batch")
+    g.add_argument("--history_size", type=positive_int, default=10, help="LBFGS memory")
+    g = p.add_argument_group("speed (fp32 without compilation is the faithful default)")
+    g.add_argument("--amp", default="none", choices=AMP, help="bf16 autocast for forward and loss")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    return p
+
+
+def validate_parser():
+    p = Parser(description="Measure NC1-NC4 on every checkpoint of a run directory.")
+    p.add_argument("--load_path", required=True, help="run directory, e.g. model_weights/<uid>")
+    p.add_argument("--epochs", type=positive_int, default=None, help="only checkpoints up to this epoch")
+    add_model_args(p)
+    add_data_args(p, batch_size=1024)
+    return p
+
+
+def explicit_args(parser, argv):
+    """The options actually typed on the command line, as a dict (defaults left out)."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+                kwargs.update(action="store_const", const=action.const)
+            else:
+                kwargs.update(type=action.type, nargs=action.nargs)
+            quiet.add_argument(*action.option_strings, **kwargs)
+    known, _ = quiet.parse_known_args(argv)
+    return vars(known)

@@ -1,0 +1,315 @@
+"""Data sets of the paper, read once into uint8 arrays, and two ways of batching them.
+
+- `DeviceLoader` (fast path): the whole split lives on the training device as uint8; shuffling is
+  `randperm` on the device, crop/flip augmentation and normalisation are batched tensor ops.
+- `make_dataset` (the authors' API): torchvision transforms per image in a DataLoader.
+Both apply the same transforms with the same constants, so they give the same tensors.
+"""
+import math
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from utils import UserError, save_pickle
+
+MNIST_STATS = ((0.1307,) * 3, (0.3081,) * 3)
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the authors' constants
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CROP_PADDING = 4  # --SOTA: RandomCrop(size, padding=4) + RandomHorizontalFlip on the training set
+RANDOM_LABEL_SEED = 0  # cifar10_random: its labels are drawn once from this seed, then read from disk
+MNIST_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_sample.npz")
+MNIST_SAMPLE_TRAIN_PER_CLASS = 400  # of the 500 per class; the last 100 are the test set
+MINI_IMAGENET_TRAIN_PER_CLASS = 500  # of the 600 per class; the last 100 are the test set
+
+
+@dataclass
+class ImageData:
+    """One data set as uint8 images (N, H, W, 3) and int64 labels, plus its preprocessing."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: tuple
+    std: tuple
+    augment: bool  # crop/flip the training set (--SOTA on cifar10 and mini_imagenet)
+
+    @property
+    def nbytes(self):
+        return self.train_images.nbytes + self.test_images.nbytes
+
+
+# ---------------------------------------------------------------------------- reading from disk
+
+class _CIFAR10(torchvision.datasets.CIFAR10):
+    def _check_integrity(self):
+        # torchvision's checksums would reject the small copies that tests write in the same
+        # format; a truncated file still fails when it is unpickled or reshaped.
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, name))
+                   for name, _ in self.train_list + self.test_list)
+
+
+MNIST_FILES = [f"MNIST/raw/{n}" for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+CIFAR10_FILES = [f"cifar-10-batches-py/{n}" for n in
+                 [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]]
+MINI_IMAGENET_FILES = [f"mini-imagenet-cache-{s}.pkl" for s in ("train", "val", "test")]
+
+
+def _short(e):
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _torchvision_splits(cls, name, root, files):
+    """Both splits of a torchvision data set: downloaded when missing, a one-line error when that fails."""
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        try:
+            cls(root, train=True, download=True)
+        except Exception as e:
+            raise UserError(f"{name} is not in {root} and could not be downloaded ({_short(e)}): place "
+                            f"{', '.join(missing)} under {root}, or point --data_dir at a folder that has them")
+    try:
+        return cls(root, train=True, download=False), cls(root, train=False, download=False)
+    except Exception as e:
+        raise UserError(f"{name} files under {root} are truncated or corrupt ({_short(e)}): "
+                        f"replace {', '.join(files)} there (or delete them to download again)")
+
+
+def _mnist_to_32x32x3(images):
+    """MNIST's Grayscale(3) + Resize(32), done once with the same PIL calls torchvision makes."""
+    out = np.empty((len(images), 32, 32, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        out[i] = np.asarray(TF.resize(Image.fromarray(img, mode="L"), 32))[..., None]
+    return out
+
+
+def _as_int64(labels):
+    return np.asarray(labels, dtype=np.int64)
+
+
+def load_mnist(root):
+    train, test = _torchvision_splits(torchvision.datasets.MNIST, "MNIST", root, MNIST_FILES)
+    return (_mnist_to_32x32x3(train.data.numpy()), _as_int64(train.targets),
+            _mnist_to_32x32x3(test.data.numpy()), _as_int64(test.targets))
+
+
+def load_mnist_sample(_root=None):
+    with np.load(MNIST_SAMPLE) as f:
+        images, labels = _mnist_to_32x32x3(f["images"]), _as_int64(f["labels"])
+    rank = np.empty_like(labels)  # position of each image within its class
+    for k in np.unique(labels):
+        rank[labels == k] = np.arange((labels == k).sum())
+    train = rank < MNIST_SAMPLE_TRAIN_PER_CLASS
+    return images[train], labels[train], images[~train], labels[~train]
+
+
+def load_cifar10(root):
+    train, test = _torchvision_splits(_CIFAR10, "CIFAR-10", root, CIFAR10_FILES)
+    return train.data, _as_int64(train.targets), test.data, _as_int64(test.targets)
+
+
+def random_labels(root, n_train, n_test, num_classes=10):
+    """Class-balanced random labels, drawn once from RANDOM_LABEL_SEED and kept under root."""
+    path = os.path.join(root, "cifar10_random_label", "labels.pkl")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            labels = pickle.load(f)
+        if len(labels["train"]) == n_train and len(labels["test"]) == n_test:
+            return labels["train"], labels["test"]
+        raise UserError(f"{path} holds labels for {len(labels['train'])}/{len(labels['test'])} images but the "
+                        f"data set has {n_train}/{n_test}: delete it to draw new labels")
+    rng = np.random.RandomState(RANDOM_LABEL_SEED)
+    labels = {split: rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+              for split, n in (("train", n_train), ("test", n_test))}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_pickle(labels, path)
+    return labels["train"], labels["test"]
+
+
+def load_cifar10_random(root):
+    x_train, _, x_test, _ = load_cifar10(root)
+    y_train, y_test = random_labels(root, len(x_train), len(x_test))
+    return x_train, y_train, x_test, y_test
+
+
+def load_mini_imagenet(root):
+    """100 classes x 600 images of 84x84 from the three cache pickles; per class 500 train, 100 test."""
+    folder = next((f for f in (os.path.join(root, "mini_imagenet"), root)
+                   if all(os.path.isfile(os.path.join(f, n)) for n in MINI_IMAGENET_FILES)), None)
+    if folder is None:
+        raise UserError(f"mini-ImageNet is not in {root}: place {', '.join(MINI_IMAGENET_FILES)} "
+                        f"under {os.path.join(root, 'mini_imagenet')} (it cannot be downloaded automatically)")
+    images, labels = [], []
+    for name in MINI_IMAGENET_FILES:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                cache = pickle.load(f)
+            data, class_dict = cache["image_data"], cache["class_dict"]
+            for wnid in sorted(class_dict):
+                images.append(np.asarray(data[np.asarray(class_dict[wnid])], dtype=np.uint8))
+                labels.append(np.full(len(class_dict[wnid]), len(labels), dtype=np.int64))
+        except Exception as e:
+            raise UserError(f"{os.path.join(folder, name)} is truncated or not a mini-ImageNet cache "
+                            f"({_short(e)}): replace it")
+    per_class = MINI_IMAGENET_TRAIN_PER_CLASS
+    return (np.concatenate([x[:per_class] for x in images]), np.concatenate([y[:per_class] for y in labels]),
+            np.concatenate([x[per_class:] for x in images]), np.concatenate([y[per_class:] for y in labels]))
+
+
+# name: (reader, (mean, std), whether --SOTA augments it)
+DATASETS = {
+    "mnist": (load_mnist, MNIST_STATS, False),
+    "mnist_sample": (load_mnist_sample, MNIST_STATS, False),
+    "cifar10": (load_cifar10, CIFAR10_STATS, True),
+    "cifar10_random": (load_cifar10_random, IMAGENET_STATS, False),
+    "mini_imagenet": (load_mini_imagenet, IMAGENET_STATS, True),
+}
+
+
+def first_per_class(labels, n):
+    """Indices of the first n samples of each class, in data-set order (from labels alone)."""
+    keep = np.zeros(len(labels), dtype=bool)
+    for k in np.unique(labels):
+        keep[np.flatnonzero(labels == k)[:n]] = True
+    return np.flatnonzero(keep)
+
+
+def load_data(dataset_name, data_dir="~/data", sample_size=None, SOTA=False):
+    if dataset_name not in DATASETS:
+        raise UserError(f"unknown dataset {dataset_name!r}; choose one of {', '.join(DATASETS)}")
+    read, (mean, std), augmentable = DATASETS[dataset_name]
+    x_train, y_train, x_test, y_test = read(os.path.expanduser(data_dir))
+    if sample_size is not None:
+        keep = first_per_class(y_train, sample_size)
+        x_train, y_train = x_train[keep], y_train[keep]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, augment=SOTA and augmentable)
+
+
+# ---------------------------------------------------------------------------- the torchvision path
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images as PIL images through torchvision transforms, as torchvision's own data sets do."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def torchvision_transform(data, train):
+    steps = [T.RandomCrop(data.train_images.shape[1], padding=CROP_PADDING), T.RandomHorizontalFlip()] \
+        if train and data.augment else []
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(data.mean, data.std)])
+
+
+def torch_loader(data, train, batch_size, shuffle, num_workers=4, generator=None, augment=None):
+    images, labels = (data.train_images, data.train_labels) if train else (data.test_images, data.test_labels)
+    transform = torchvision_transform(data, train and augment is not False)
+    return torch.utils.data.DataLoader(ArrayDataset(images, labels, transform), batch_size=batch_size,
+                                       shuffle=shuffle, num_workers=num_workers, generator=generator,
+                                       pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=num_workers > 0)
+
+
+def make_dataset(dataset_name, data_dir, batch_size, sample_size=None, SOTA=False, num_workers=4):
+    """The authors' API: (trainloader, testloader, num_classes) of torchvision DataLoaders."""
+    data = load_data(dataset_name, data_dir, sample_size, SOTA)
+    return (torch_loader(data, True, batch_size, shuffle=True, num_workers=num_workers),
+            torch_loader(data, False, batch_size, shuffle=False, num_workers=num_workers),
+            data.num_classes)
+
+
+# ---------------------------------------------------------------------------- the device path
+
+def random_crop_flip(x, padding, generator):
+    """Per-sample RandomCrop(size, padding) then RandomHorizontalFlip of uint8 images (B, H, W, C)."""
+    B, H, W, C = x.shape
+    padded = x.new_zeros(B, H + 2 * padding, W + 2 * padding, C)
+    padded[:, padding:padding + H, padding:padding + W] = x
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), device=x.device, generator=generator)
+    flip = torch.rand(B, device=x.device, generator=generator) < 0.5
+    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows = dy[:, None] + ar_h  # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None], W - 1 - ar_w, ar_w)  # (B, W), mirrored when flipped
+    return padded[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class DeviceLoader:
+    """Batches of one split, kept whole on `device` as uint8.
+
+    Yields (x, y): x float (B, 3, H, W), normalised as torchvision's ToTensor + Normalize would,
+    in channels_last layout when asked; y int64 (B,). Its `generator` (on the device) draws the
+    order and the augmentation, so saving its state makes the data order resumable.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, device, shuffle=False, augment=False,
+                 generator=None, channels_last=False):
+        self.images = torch.as_tensor(images).to(device)  # (N, H, W, 3) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)  # (N,)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = generator if generator is not None else torch.Generator(device)
+        self.channels_last = channels_last
+
+    @property
+    def num_samples(self):
+        return len(self.labels)
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def normalize(self, x):
+        x = x.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)  # NHWC memory
+        return x if self.channels_last else x.contiguous()
+
+    def __iter__(self):
+        n, device = self.num_samples, self.labels.device
+        order = torch.randperm(n, device=device, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            x = self.images[idx]
+            if self.augment:
+                x = random_crop_flip(x, CROP_PADDING, self.generator)
+            yield self.normalize(x), self.labels[idx]
+
+
+def num_samples(loader):
+    """Images in a DeviceLoader or a DataLoader."""
+    return loader.num_samples if isinstance(loader, DeviceLoader) else len(loader.dataset)
+
+
+def fits_on_device(data, device):
+    if device.type != "cuda":
+        return True  # the arrays are in host memory already
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.nbytes < 0.5 * free  # leave room for the model and activations
+
+
+def make_loaders(data, batch_size, device, loader="auto", train=True, seed=0, num_workers=4, channels_last=False):
+    """(train_loader, test_loader). train=True: shuffled and augmented as the run asks; else the
+    training set in order without augmentation, as NC is measured."""
+    use_device = loader == "device" or (loader == "auto" and fits_on_device(data, device))
+    if use_device:
+        generator = torch.Generator(device).manual_seed(seed)
+        kw = dict(batch_size=batch_size, mean=data.mean, std=data.std, device=device, channels_last=channels_last)
+        return (DeviceLoader(data.train_images, data.train_labels, shuffle=train, augment=train and data.augment,
+                             generator=generator, **kw),
+                DeviceLoader(data.test_images, data.test_labels, **kw))
+    generator = torch.Generator().manual_seed(seed)
+    return (torch_loader(data, True, batch_size, shuffle=train, num_workers=num_workers, generator=generator,
+                         augment=train),
+            torch_loader(data, False, batch_size, shuffle=False, num_workers=num_workers))

@@ -1,0 +1,233 @@
+"""The training loop that both training scripts share; they differ only in `step`.
+
+A step is `step(optimizer, objective, x, y) -> (loss, logits)`: `objective(x, y)` runs the forward
+pass and returns (loss, logits); the step turns it into an update. The logged training accuracy
+comes from those logits, so no second forward pass is made.
+
+A run directory <save_dir>/<uid>/ holds:
+  args.json        the training arguments (validation and plotting read them)
+  train_log.txt    one line per epoch
+  epoch_NNN.pth    the model's state_dict after epoch NNN
+  last.pth         everything needed to resume: model, optimizer, scheduler, epoch, args, random
+                   states; previous.pth is the one before it, kept in case last.pth is damaged
+"""
+import glob
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import datasets
+import models
+from nc import topk_hits
+from args import explicit_args
+from utils import (Log, UserError, get_device, load_json, make_criterion, make_optimizer, make_scheduler,
+                   parse_decay_type, rng_state, save_json, save_torch, sep_decay_penalty, set_rng_state, set_seed)
+
+ARGS_FILE, LOG_FILE, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
+LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
+# Options that may differ from the recorded ones when resuming: they do not change the numbers.
+RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "resume", "force", "epochs"}
+# Files of a run that --force removes before starting over.
+RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS_FILE, LOG_FILE, "info.pkl", "test_log.txt", "nc_results/*.pkl")
+
+
+def checkpoint_path(run_dir, epoch):
+    return os.path.join(run_dir, f"epoch_{epoch:03d}.pth")
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def train_one_epoch(model, loader, step, optimizer, objective, epoch, device):
+    """One pass over the loader. Returns the mean loss and top-1/top-5 training accuracy (%)."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * B, top-1 hits, top-5 hits
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first batch with a non-finite loss
+    n = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=None)  # None: TTY only
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, logits = step(optimizer, objective, x, y)
+        sums += torch.cat([(loss.double() * len(y)).view(1), topk_hits(logits, y)])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+        n += len(y)
+        if (i + 1) % LOG_EVERY == 0 or i + 1 == len(loader):  # the only waits for the device
+            if first_bad.item() >= 0:
+                raise TrainingDiverged(f"the loss became non-finite at epoch {epoch}, batch {first_bad.item() + 1}; "
+                                       f"checkpoints of earlier epochs are kept: lower --lr or change the optimizer")
+            bar.set_postfix(loss=f"{sums[0].item() / n:.4g}", acc=f"{100 * sums[1].item() / n:.1f}")
+    loss, top1, top5 = (sums / n).tolist()
+    return {"loss": loss, "acc1": 100 * top1, "acc5": 100 * top5}
+
+
+def make_objective(args, model, criterion):
+    """objective(x, y) -> (loss, logits): forward pass (autocast if asked), loss and --sep_decay penalty."""
+    net = torch.compile(model) if args.compile else model
+    device_type = next(model.parameters()).device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if args.amp == "bf16" else nullcontext
+
+    def objective(x, y):
+        with autocast():
+            logits, h = net(x)
+            loss = criterion(logits.float(), y)
+        if args.sep_decay:
+            loss = loss + sep_decay_penalty(model, h, args.weight_decay, args.feature_decay_rate)
+        return loss, logits.float()
+    return objective
+
+
+# ---------------------------------------------------------------------------- run directories
+
+def recorded_args(run_dir):
+    path = os.path.join(run_dir, ARGS_FILE)
+    return load_json(path) if os.path.isfile(path) else None
+
+
+def check_run_dir(args, given):
+    """Decide, before anything is written, whether this run may start or resume. `given` holds the
+    options typed on the command line. Returns the arguments to train with (on --resume, the
+    recorded ones)."""
+    run_dir = os.path.join(args.save_dir, args.uid)
+    exists = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
+    if args.resume:
+        recorded = recorded_args(run_dir)
+        if recorded is None:
+            raise UserError(f"--resume: there is no run {run_dir} (no {ARGS_FILE}); check --uid and --save_dir")
+        clash = [f"--{k} {given[k]} (recorded: {recorded.get(k)})" for k in sorted(given)
+                 if k not in RESUME_MAY_CHANGE and given[k] != recorded.get(k)]
+        if clash:
+            raise UserError(f"--resume with arguments that differ from the run's: {', '.join(clash)}; "
+                            "drop them to continue the run as it was, or start a new --uid")
+        merged = dict(recorded, **{k: v for k, v in vars(args).items() if k in RESUME_MAY_CHANGE})
+        merged["epochs"] = given.get("epochs", recorded["epochs"])
+        return type(args)(**merged)
+    if exists and not args.force:
+        raise UserError(f"run directory {run_dir} exists already: pass --resume to continue it, "
+                        "--force to start over, or choose another --uid")
+    return args
+
+
+def clear_run_dir(run_dir):
+    for pattern in RUN_FILES:
+        for path in glob.glob(os.path.join(run_dir, pattern)):
+            os.remove(path)
+
+
+def load_resume_state(run_dir):
+    """The newest of last.pth / previous.pth that loads and whose epoch checkpoint is intact.
+
+    An epoch checkpoint that is missing or damaged makes its state unusable, so that epoch is redone.
+    """
+    for name in (LAST, PREVIOUS):
+        path = os.path.join(run_dir, name)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+            torch.load(checkpoint_path(run_dir, state["epoch"]), map_location="cpu", weights_only=True)
+            return state
+        except Exception as e:
+            if os.path.exists(path):
+                print(f"warning: cannot resume from {path} ({str(e).splitlines()[0][:120]}); trying an older state")
+    return None
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(args, make_step, optimizers, given=()):
+    """Train with the update rule `make_step(args)`, which only `optimizers` may drive. Everything
+    that can be refused is checked before anything is written to disk."""
+    if args.uid is None:
+        if args.resume:
+            raise UserError("--resume needs the --uid of the run to continue")
+        args.uid = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
+    args = check_run_dir(args, dict(given))
+    if args.optimizer not in optimizers:
+        script = "train_2nd_order.py" if args.optimizer == "LBFGS" else "train_1st_order.py"
+        raise UserError(f"this script runs {' and '.join(optimizers)}, not {args.optimizer}: use {script}")
+    step = make_step(args)
+    parse_decay_type(args.decay_type)
+    device = get_device(args.gpu_id, args.device)
+    run_dir = os.path.join(args.save_dir, args.uid)
+
+    set_seed(args.seed)
+    data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
+    try:
+        model = models.build_model(args, data.num_classes).to(device)
+    except ValueError as e:
+        raise UserError(str(e))
+    channels_last = device.type == "cuda" and args.model != "MLP"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    optimizer = make_optimizer(args, model)
+    scheduler = make_scheduler(args, optimizer)
+    objective = make_objective(args, model, make_criterion(args, data.num_classes))
+    train_loader, _ = datasets.make_loaders(data, args.batch_size, device, args.loader, train=True,
+                                            seed=args.seed, num_workers=args.num_workers,
+                                            channels_last=channels_last)
+
+    start = 0
+    if args.resume:
+        state = load_resume_state(run_dir)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            train_loader.generator.set_state(state["loader_rng"])
+            start = state["epoch"]
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        clear_run_dir(run_dir)
+        save_json(vars(args), os.path.join(run_dir, ARGS_FILE))
+    log = Log(os.path.join(run_dir, LOG_FILE))
+    log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}")
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
+          f"{data.num_classes} classes), {n_params:,} trainable parameters, {args.optimizer}, {device}")
+
+    t0, stats = time.time(), None
+    epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,
+                  dynamic_ncols=True)
+    for epoch in epochs:
+        t = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            stats = train_one_epoch(model, train_loader, step, optimizer, objective, epoch, device)
+        except TrainingDiverged as e:
+            log(f"stopped: {e}")
+            raise
+        scheduler.step()
+        seconds = time.time() - t
+        save_torch(model.state_dict(), checkpoint_path(run_dir, epoch))
+        save_last_state(run_dir, model, optimizer, scheduler, epoch, args, train_loader)
+        log(f"epoch {epoch:3d} | loss {stats['loss']:.6f} | train acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f}"
+            f" | lr {lr:.3g} | {seconds:.1f} s | {len(data.train_labels) / seconds:,.0f} img/s")
+        epochs.set_postfix(loss=f"{stats['loss']:.4g}", acc=f"{stats['acc1']:.1f}")
+    epochs.close()
+    if stats is None:
+        print(f"nothing to do: {run_dir} has all {args.epochs} epochs")
+    else:
+        print(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
+              f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/")
+    return run_dir
+
+
+def save_last_state(run_dir, model, optimizer, scheduler, epoch, args, loader):
+    last, previous = os.path.join(run_dir, LAST), os.path.join(run_dir, PREVIOUS)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": epoch, "args": vars(args), "rng": rng_state(), "loader_rng": loader.generator.get_state()}
+    if os.path.exists(last):
+        os.replace(last, previous)
+    save_torch(state, last)
+
+
+def run(parser, make_step, optimizers, argv=None):
+    """Parse the command line and train; the entry point of both training scripts."""
+    argv = sys.argv[1:] if argv is None else argv
+    return main(parser.parse_args(argv), make_step, optimizers, explicit_args(parser, argv))
