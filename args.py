@@ -108,6 +108,9 @@ def train_parser(default_optimizer="SGD", description=None):
     g = p.add_argument_group("speed (fp32 without compilation is the faithful default)")
     g.add_argument("--amp", default="none", choices=AMP, help="bf16 autocast for forward and loss")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--cuda_graph", action="store_true",
+                   help="replay each training step as one CUDA graph (same numbers, far fewer kernel launches; "
+                        "first-order optimizers on a GPU)")
     return p
 
 

@@ -101,12 +101,14 @@ def NC1(Sigma_W, mu_c, mu_G):
     """(1/K) trace(Sigma_W Sigma_B^+), without forming the d x d pseudo-inverse.
 
     With Hbar = U S V^T (thin SVD), Sigma_B^+ = K U S^-2 U^T, so NC1 = sum_j u_j^T Sigma_W u_j / s_j^2.
-    Singular values below max(d, K) * eps * s_max are rounding noise (Hbar's columns sum to zero,
-    so its rank is at most K - 1) and are dropped, as numpy's and torch's pinv drop them.
+    Rounding noise must not be inverted: the weighted columns of Hbar sum to zero, so at most K - 1
+    singular values are kept, and none below max(d, K) * eps * (the largest of s_max and ||mu_k||),
+    the size of the rounding error of mu_k - mu_G.
     """
     Hb = H_bar(mu_c, mu_G)  # (d, K)
-    U, S, _ = torch.linalg.svd(Hb, full_matrices=False)
-    keep = S > S.max() * max(Hb.shape) * torch.finfo(S.dtype).eps
+    U, S, _ = torch.linalg.svd(Hb, full_matrices=False)  # S in descending order
+    scale = torch.maximum(S[0], torch.linalg.norm(mu_c, dim=1).max())
+    keep = (S > scale * max(Hb.shape) * torch.finfo(S.dtype).eps) & (torch.arange(len(S), device=S.device) < Hb.shape[1] - 1)
     U, S = U[:, keep], S[keep]
     return ((U * (Sigma_W @ U)).sum(0) / S ** 2).sum()
 

@@ -84,8 +84,10 @@ def make_optimizer(args, model):
     if args.optimizer == "SGD":
         return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=weight_decay, **fused)
     if args.optimizer == "Adam":
+        # Under --cuda_graph, Adam's step counter must live on the device to be captured.
+        capturable = {"capturable": True} if getattr(args, "cuda_graph", False) else {}
         return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=weight_decay, **fused)
+                                weight_decay=weight_decay, **fused, **capturable)
     if args.optimizer == "LBFGS":
         return torch.optim.LBFGS(params, lr=args.lr, history_size=args.history_size,
                                  line_search_fn="strong_wolfe")

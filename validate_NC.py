@@ -61,52 +61,76 @@ def run_arguments(cli, given):
     return argparse.Namespace(**merged)
 
 
+class TrainingSetMetrics:
+    """Everything info.pkl records about the training set, accumulated batch by batch.
+
+    The NC statistics stream (nc.NCStats); the features themselves are also kept, in one (N, d)
+    device tensor, because the cosine margins and the nuclear ratio are per-sample quantities.
+    """
+
+    def __init__(self, num_classes, dim, num_samples, device):
+        self.K, self.filled = num_classes, 0
+        self.stats = nc.NCStats(num_classes, dim, device)
+        self.H = torch.empty(num_samples, dim, device=device)  # (N, d)
+        self.y = torch.empty(num_samples, dtype=torch.int64, device=device)  # (N,)
+        self.hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5
+
+    def add(self, logits, h, y):
+        self.stats.update(h, y)
+        end = self.filled + len(y)
+        self.H[self.filled:end], self.y[self.filled:end] = h, y
+        self.hits += nc.topk_hits(logits, y)
+        self.filled = end
+
+    def result(self, W, b):
+        """The training-set entries of info.pkl under the last layer W (K, d), b (K,)."""
+        W, b = W.detach().to(torch.float64), b.detach().to(torch.float64)
+        means, centre = nc.mu_c(self.stats), nc.mu_G(self.stats)
+        margins = nc.cos_margins(self.H, self.y, W, b, centre)
+        acc1, acc5 = (100 * self.hits / self.filled).tolist()
+        return {
+            "collapse_metric": nc.NC1(nc.Sigma_W(self.stats), means, centre).item(),
+            "ETF_metric": nc.NC2(W).item(),
+            "WH_relation_metric": nc.NC3(W, means, centre).item(),
+            "Wh_b_relation_metric": nc.NC4(W, b, centre).item(),
+            "train_acc1": acc1, "train_acc5": acc5,
+            "W": to_numpy(W), "b": to_numpy(b), "H": to_numpy(nc.H_bar(means, centre)), "mu_G_train": to_numpy(centre),
+            "avg_cos_margin": margins.mean().item(), "all_cos_margin": np.sort(to_numpy(margins)),
+            "nuclear_metric": nc.nuclear_ratio(self.H, self.y, self.K),
+        }
+
+
+def to_numpy(t):
+    return t.detach().cpu().numpy()
+
+
+def last_layer(model):
+    """(W, b) of model.fc; b is zeros without a bias."""
+    W, b = model.fc.weight, model.fc.bias
+    return W, torch.zeros(W.shape[0], device=W.device) if b is None else b
+
+
 @torch.no_grad()
 def evaluate(model, train_loader, test_loader, num_classes):
-    """Every per-checkpoint quantity of info.pkl, in one forward pass over each split.
-
-    The NC statistics stream batch by batch; the features themselves are kept in one (N, d)
-    device tensor because the cosine margins and the nuclear ratio are per-sample quantities.
-    """
+    """Every per-checkpoint quantity of info.pkl, in one forward pass over each split."""
     model.eval()
     device = model.fc.weight.device
-    N, d = datasets.num_samples(train_loader), models.feature_dim(model)
-    stats = nc.NCStats(num_classes, d, device)
-    H = torch.empty(N, d, device=device)  # (N, d)
-    y_all = torch.empty(N, dtype=torch.int64, device=device)  # (N,)
-    hits, start = torch.zeros(2, dtype=torch.float64, device=device), 0
+    train = TrainingSetMetrics(num_classes, models.feature_dim(model), datasets.num_samples(train_loader), device)
     for x, y in train_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits, h = model(x)
-        stats.update(h, y)
-        H[start:start + len(y)], y_all[start:start + len(y)] = h, y
-        hits += nc.topk_hits(logits, y)
-        start += len(y)
+        train.add(logits, h, y)
     test_hits = torch.zeros(2, dtype=torch.float64, device=device)
-    test_sum = torch.zeros(d, dtype=torch.float64, device=device)
+    test_sum = torch.zeros(models.feature_dim(model), dtype=torch.float64, device=device)
     for x, y in test_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits, h = model(x)
         test_hits += nc.topk_hits(logits, y)
         test_sum += h.to(torch.float64).sum(0)
-
-    W = model.fc.weight.to(torch.float64)  # (K, d)
-    b = model.fc.bias.to(torch.float64) if model.fc.bias is not None else torch.zeros(num_classes, dtype=torch.float64, device=device)
-    means, centre = nc.mu_c(stats), nc.mu_G(stats)
-    margins = nc.cos_margins(H, y_all, W, b, centre)
-    cpu = lambda t: t.detach().cpu().numpy()
-    acc, test_acc = (100 * hits / N).tolist(), (100 * test_hits / datasets.num_samples(test_loader)).tolist()
-    return {
-        "collapse_metric": nc.NC1(nc.Sigma_W(stats), means, centre).item(),
-        "ETF_metric": nc.NC2(W).item(),
-        "WH_relation_metric": nc.NC3(W, means, centre).item(),
-        "Wh_b_relation_metric": nc.NC4(W, b, centre).item(),
-        "train_acc1": acc[0], "train_acc5": acc[1], "test_acc1": test_acc[0], "test_acc5": test_acc[1],
-        "W": cpu(W), "b": cpu(b), "H": cpu(nc.H_bar(means, centre)), "mu_G_train": cpu(centre),
-        "mu_G_test": cpu(test_sum / datasets.num_samples(test_loader)),
-        "avg_cos_margin": margins.mean().item(), "all_cos_margin": np.sort(cpu(margins)),
-        "nuclear_metric": nc.nuclear_ratio(H, y_all, num_classes),
-    }
+    n_test = datasets.num_samples(test_loader)
+    acc1, acc5 = (100 * test_hits / n_test).tolist()
+    return {**train.result(*last_layer(model)), "test_acc1": acc1, "test_acc5": acc5,
+            "mu_G_test": to_numpy(test_sum / n_test)}
 
 
 def load_checkpoint(model, path, device):
@@ -137,10 +161,10 @@ def main(argv=None):
     run_dir = cli.load_path
     if not os.path.isdir(run_dir):
         raise UserError(f"--load_path {run_dir} is not a directory; give a run directory such as model_weights/<uid>")
-    args = run_arguments(cli, explicit_args(parser, argv))
     checkpoints = list_checkpoints(run_dir, cli.epochs)
     if not checkpoints:
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
+    args = run_arguments(cli, explicit_args(parser, argv))
 
     device = get_device(args.gpu_id, args.device)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)

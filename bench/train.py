@@ -1,0 +1,160 @@
+"""Training throughput: the authors' pipeline against this repository's, same model, batch and device.
+
+(a) the authors' pipeline: per-image PIL transforms in a DataLoader with 4 workers, a training step
+    that waits for the loss every step, then a second, eval-mode forward pass for the logged accuracy;
+(b) ours: the data set on the device as uint8, batched augmentation, the training forward pass's
+    logits for the accuracy, channels_last and fused SGD on a GPU (training.train_one_epoch itself).
+
+    python bench/train.py --model MLP --width 64 --depth 1            # CPU, mnist_sample
+    python bench/train.py --model resnet18 --SOTA --dataset synthetic --device cuda [--amp bf16 --compile]
+
+Each pipeline runs one warm-up pass, then a timed pass over the same images (the DataLoader's
+workers persist, so their start is not timed). The last line is `ratio: <(b) / (a)>` in images/s.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+from train_1st_order import first_order_step  # noqa: E402
+from utils import make_criterion, make_optimizer  # noqa: E402
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="MLP", choices=["MLP", "resnet18", "resnet34", "resnet50", "ResNet18_adapt"])
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--SOTA", action="store_true", help="CIFAR stem, and crop/flip augmentation (synthetic data)")
+    p.add_argument("--dataset", default="mnist_sample", choices=["mnist_sample", "synthetic"],
+                   help="mnist_sample (real MNIST digits, 28x28 grey) or synthetic CIFAR-shaped images")
+    p.add_argument("--num_samples", type=int, default=None, help="images per timed pass (default: 4000 or 25600)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--amp", default="none", choices=["none", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda_graph", action="store_true", help="(b) replays each step as one CUDA graph")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+class AuthorsDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def get_data(args):
+    """(raw images for the authors' transforms, the same images as our uint8 32x32x3 arrays, labels,
+    the authors' transform, normalisation, whether to augment)."""
+    if args.dataset == "mnist_sample":
+        with np.load(datasets.MNIST_SAMPLE) as f:
+            raw, labels = f["images"], f["labels"].astype(np.int64)
+        n = args.num_samples or len(labels)
+        raw, labels = raw[:n], labels[:n]
+        mean, std = datasets.MNIST_STATS
+        transform = T.Compose([T.Grayscale(3), T.Resize(32), T.ToTensor(), T.Normalize(0.1307, 0.3081)])
+        return raw, datasets._mnist_to_32x32x3(raw), labels, transform, (mean, std), False
+    n = args.num_samples or 25600
+    g = np.random.default_rng(0)
+    images, labels = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 10
+    mean, std = datasets.CIFAR10_STATS
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if args.SOTA else []
+    transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+    return images, images, labels, transform, (mean, std), args.SOTA
+
+
+def build(args, device):
+    margs = argparse.Namespace(model=args.model, width=args.width, depth=args.depth, bias=True, ETF_fc=False,
+                               fixdim=0, SOTA=args.SOTA, optimizer="SGD", lr=0.05, weight_decay=5e-4,
+                               sep_decay=False, loss="MSE", amp=args.amp, compile=args.compile,
+                               cuda_graph=args.cuda_graph)
+    torch.manual_seed(0)
+    return margs, models.build_model(margs, 10).to(device)
+
+
+def authors_epoch(model, loader, optimizer, device, num_classes=10):
+    """A step as the authors' trainer makes it, then a second forward pass for the accuracy."""
+    criterion = torch.nn.MSELoss()
+    correct = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        model.train()
+        logits, _ = model(x)
+        loss = criterion(logits, F.one_hot(y, num_classes).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        _ = loss.item()  # logged every step
+        model.eval()
+        with torch.no_grad():
+            logits, _ = model(x)
+        correct += (logits.argmax(1) == y).sum().item()
+    return correct
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    raw, images, labels, transform, (mean, std), augment = get_data(args)
+    n = len(labels)
+    print(f"{args.model}{' --SOTA' if args.SOTA else ''}, batch {args.batch_size}, {n} {args.dataset} images per pass, "
+          f"amp {args.amp}, compile {args.compile}, CUDA graph {args.cuda_graph}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    # (a) the authors' pipeline
+    margs, model = build(args, device)
+    loader = torch.utils.data.DataLoader(AuthorsDataset(raw, labels, transform), batch_size=args.batch_size,
+                                         shuffle=True, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    authors_epoch(model, loader, optimizer, device)
+    t_a = timed(lambda: authors_epoch(model, loader, optimizer, device), device)
+
+    # (b) ours (the authors' code leaves cuDNN's autotuner off; training.main turns it on)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    margs, model = build(args, device)
+    channels_last = device.type == "cuda" and args.model != "MLP"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(margs, model)
+    objective = training.make_objective(margs, model, make_criterion(margs, 10))
+    fast = datasets.DeviceLoader(images, labels, args.batch_size, mean, std, device, shuffle=True, augment=augment,
+                                 generator=torch.Generator(device).manual_seed(0), channels_last=channels_last)
+    step = training.CUDAGraphStep(first_order_step) if args.cuda_graph else first_order_step
+    run = lambda: training.train_one_epoch(model, fast, step, optimizer, objective, 1, device)
+    t_warm = timed(run, device)
+    t_b = timed(run, device)
+
+    a, b = n / t_a, n / t_b
+    print(f"(a) authors' pipeline: {a:10,.0f} images/s")
+    print(f"(b) this repository:   {b:10,.0f} images/s (warm-up pass, with any compilation: {t_warm:.1f} s)")
+    print(f"ratio: {b / a:.2f}")
+
+
+if __name__ == "__main__":
+    main()

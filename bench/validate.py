@@ -1,0 +1,231 @@
+"""Time one checkpoint's NC measurement: this repository against the authors' way of doing it.
+
+The reference is written as the authors' validate_NC.py works: a DataLoader of per-image PIL
+transforms feeds the forward pass; then a Python loop over samples with `.item()` per sample,
+features and outputs collected in per-class lists of host arrays, Sigma_W as a sum of per-sample
+outer products formed in batches of 1,024, scipy's pinv in float32, per-class margins and numpy
+nuclear norms. Ours is validate_NC.py's own code. Both give the same NC1-NC4 (to 1e-3 relative:
+the reference keeps float32 arithmetic; exactness against float64 is the tests' job).
+
+    python bench/validate.py                                   # CPU: MLP 1024x6 on mnist_sample
+    python bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples 20000 --device cuda
+
+Prints both times end to end (forward passes included) and after the forward pass (from each
+batch's features and labels to the final metrics). The last line is
+`ratio: <reference seconds / repository seconds>` for the part after the forward pass.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import scipy.linalg
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+import models  # noqa: E402
+from validate_NC import TrainingSetMetrics, last_layer  # noqa: E402
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="MLP", choices=["MLP", "resnet18", "resnet34", "resnet50", "ResNet18_adapt"])
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--SOTA", action="store_true")
+    p.add_argument("--dataset", default="mnist_sample",
+                   help="a data set name, or 'synthetic' for random CIFAR-shaped images")
+    p.add_argument("--data_dir", default="~/data")
+    p.add_argument("--num_samples", type=int, default=None, help="training images used (default: all)")
+    p.add_argument("--num_classes", type=int, default=10, help="classes of the synthetic data")
+    p.add_argument("--checkpoint", default=None, help="a state_dict to load (default: the random initialisation)")
+    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers of the reference")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def get_data(args):
+    if args.dataset == "synthetic":
+        g = np.random.default_rng(0)
+        n = args.num_samples or 50000
+        labels = np.arange(n) % args.num_classes
+        images = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        return images, labels, datasets.CIFAR10_STATS, args.num_classes
+    data = datasets.load_data(args.dataset, args.data_dir)
+    n = args.num_samples or len(data.train_labels)
+    return data.train_images[:n], data.train_labels[:n], (data.mean, data.std), data.num_classes
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- the reference
+
+def reference_collect(batches, num_classes):
+    """The authors' per-sample loop: class sums on the device, per-class lists of host arrays."""
+    mu_G, mu_c, features, outputs = 0, {}, {}, {}
+    top1 = top5 = n = 0
+    for logits, h, y in batches:
+        mu_G = mu_G + torch.sum(h, dim=0)
+        for i in range(len(y)):
+            t = y[i].item()
+            if t not in mu_c:
+                mu_c[t] = h[i, :].clone()
+                features[t], outputs[t] = [h[i, :].cpu().numpy()], [logits[i, :].cpu().numpy()]
+            else:
+                mu_c[t] += h[i, :]
+                features[t].append(h[i, :].cpu().numpy())
+                outputs[t].append(logits[i, :].cpu().numpy())
+        hit = logits.topk(5, dim=1).indices == y[:, None]
+        top1 += hit[:, 0].sum().item()
+        top5 += hit.sum().item()
+        n += len(y)
+    mu_G = mu_G / n
+    for t in mu_c:
+        mu_c[t] = mu_c[t] / len(features[t])
+    return mu_G, mu_c, features, outputs, 100 * top1 / n, 100 * top5 / n
+
+
+def reference_metrics(batches, W, b, num_classes, device, batchsize=1024):
+    mu_G, mu_c, features, outputs, acc1, acc5 = reference_collect(batches, num_classes)
+    K = len(mu_c)
+    Sigma_W, n = 0, 0
+    for t in features:  # sum of per-sample outer products, formed in batches
+        class_features = torch.from_numpy(np.array(features[t])).float().to(device)
+        for i in range(0, len(class_features), batchsize):
+            f = class_features[i:i + batchsize] - mu_c[t].unsqueeze(0)
+            Sigma_W = Sigma_W + torch.sum(f.unsqueeze(2) @ f.unsqueeze(1), dim=0)
+            n += len(f)
+    Sigma_W = (Sigma_W / n).cpu().numpy()
+    Sigma_B = 0
+    for t in range(K):
+        v = (mu_c[t] - mu_G).unsqueeze(1)
+        Sigma_B = Sigma_B + v @ v.T
+    Sigma_B = (Sigma_B / K).cpu().numpy()
+    NC1 = np.trace(Sigma_W @ scipy.linalg.pinv(Sigma_B)) / K
+
+    Wn, bn, mu_G_n = W.cpu().numpy(), b.cpu().numpy(), mu_G.cpu().numpy()
+    P = (np.eye(K) - np.ones((K, K)) / K) / np.sqrt(K - 1)
+    Wc = Wn - Wn.mean(0, keepdims=True)
+    WWT = Wc @ Wc.T
+    NC2 = np.linalg.norm(WWT / np.linalg.norm(WWT) - P)
+    Hbar = np.stack([(mu_c[t] - mu_G).cpu().numpy() for t in range(K)], axis=1)
+    WH = Wc @ Hbar
+    NC3 = np.linalg.norm(WH / np.linalg.norm(WH) - P)
+    NC4 = np.linalg.norm(Wn @ mu_G_n + bn)
+
+    margins = []  # per class, in batches, as the authors do
+    Wc_t = torch.from_numpy(Wc).to(device)
+    for t in features:
+        f = torch.from_numpy(np.array(features[t])).to(device)
+        z = torch.from_numpy(np.array(outputs[t])).to(device)
+        for i in range(0, len(f), batchsize):
+            cos = (z[i:i + batchsize] - b.unsqueeze(0)) / (
+                torch.norm(f[i:i + batchsize] - mu_G.unsqueeze(0), dim=1, keepdim=True) * torch.norm(Wc_t.T, dim=0, keepdim=True))
+            false = cos.clone()
+            false[:, t] = -np.inf
+            margins.append((cos[:, t] - torch.amax(false, dim=1)).cpu().numpy())
+    margins = np.sort(np.concatenate(margins))
+    nuclear = np.mean([np.linalg.norm(np.array(features[t]), ord="nuc") / np.linalg.norm(np.array(features[t]))
+                       for t in features])
+    return {"NC1": NC1, "NC2": NC2, "NC3": NC3, "NC4": NC4, "train_acc1": acc1, "train_acc5": acc5,
+            "avg_cos_margin": margins.mean(), "nuclear_metric": nuclear}
+
+
+# ---------------------------------------------------------------------------- the two pipelines
+
+def ours_after_forward(batches, W, b, num_classes, device):
+    n = sum(len(y) for _, _, y in batches)
+    metrics = TrainingSetMetrics(num_classes, W.shape[1], n, device)
+    for logits, h, y in batches:
+        metrics.add(logits, h, y)
+    r = metrics.result(W, b)
+    return {"NC1": r["collapse_metric"], "NC2": r["ETF_metric"], "NC3": r["WH_relation_metric"],
+            "NC4": r["Wh_b_relation_metric"], "train_acc1": r["train_acc1"], "train_acc5": r["train_acc5"],
+            "avg_cos_margin": r["avg_cos_margin"], "nuclear_metric": r["nuclear_metric"]}
+
+
+@torch.no_grad()
+def forward_batches(model, loader, device):
+    out = []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, h = model(x)
+        out.append((logits, h, y))
+    return out
+
+
+@torch.no_grad()
+def ours_end_to_end(model, loader, W, b, num_classes, device):
+    metrics = TrainingSetMetrics(num_classes, W.shape[1], loader.num_samples, device)
+    for x, y in loader:
+        logits, h = model(x)
+        metrics.add(logits, h, y)
+    return metrics.result(W, b)
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    images, labels, (mean, std), K = get_data(args)
+    margs = argparse.Namespace(model=args.model, width=args.width, depth=args.depth, bias=True, ETF_fc=False,
+                               fixdim=0, SOTA=args.SOTA)
+    model = models.build_model(margs, K).to(device).eval()
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location=device))
+    channels_last = device.type == "cuda" and args.model != "MLP"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    W, b = (t.detach() for t in last_layer(model))
+    print(f"{args.model}{' --SOTA' if args.SOTA else ''} on {len(labels)} {args.dataset} images, "
+          f"d = {W.shape[1]}, K = {K}, batch {args.batch_size}, {device}")
+
+    fast = datasets.DeviceLoader(images, labels, args.batch_size, mean, std, device, channels_last=channels_last)
+    data = datasets.ImageData(images, labels, images[:1], labels[:1], K, mean, std, augment=False)
+    slow = datasets.torch_loader(data, True, args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                 augment=False)
+
+    # End to end: each pipeline from uint8 images to metrics. Ours is warmed up first (cuDNN
+    # autotuning, allocator); the reference's DataLoader starts its workers inside the timing,
+    # as each validation of the authors' code does.
+    ours_end_to_end(model, fast, W, b, K, device)
+    ours, t_ours = timed(lambda: ours_end_to_end(model, fast, W, b, K, device), device)
+    ref, t_ref = timed(lambda: reference_metrics(forward_batches(model, slow, device), W, b, K, device), device)
+
+    # After the forward pass: the same features, logits and labels for both.
+    batches = forward_batches(model, fast, device)
+    _, t_fwd = timed(lambda: forward_batches(model, fast, device), device)
+    ours_after_forward(batches, W, b, K, device)
+    ours2, t_ours2 = timed(lambda: ours_after_forward(batches, W, b, K, device), device)
+    ref2, t_ref2 = timed(lambda: reference_metrics(batches, W, b, K, device), device)
+
+    print(f"{'':16s}{'ours':>14s}{'reference':>14s}{'rel. diff':>12s}")
+    for key in ref2:
+        diff = abs(ours2[key] - ref2[key]) / max(abs(ref2[key]), 1e-12)
+        print(f"{key:16s}{ours2[key]:14.6g}{ref2[key]:14.6g}{diff:12.2e}")
+        if key.startswith("NC") and diff > 1e-3:
+            raise SystemExit(f"error: {key} differs by {diff:.2e} relative (more than 1e-3)")
+    assert abs(ours["collapse_metric"] - ref["NC1"]) <= 1e-3 * abs(ref["NC1"])
+    print(f"forward pass alone (device-resident data): {t_fwd:.3f} s")
+    print(f"end to end:          ours {t_ours:.3f} s, reference {t_ref:.3f} s")
+    print(f"after forward pass:  ours {t_ours2:.3f} s, reference {t_ref2:.3f} s")
+    print(f"end_to_end_ratio: {t_ref / t_ours:.1f}")
+    print(f"ratio: {t_ref2 / t_ours2:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The plotting helper behind every plot script: load the info.pkl of a set of runs and draw,
+one figure per quantity against epoch, the curves of all runs in the paper's look.
+
+Figures written to the output folder, each as .png and .pdf:
+
+    NC1            NC1 = (1/K) tr(Sigma_W Sigma_B^+), log y axis
+    NC2            distance of the centred classifier to a simplex ETF
+    NC3            distance between the centred classifier and the class means (self-duality)
+    NC4            ||W mu_G + b||
+    train_acc      top-1 training accuracy (%)
+    test_acc       top-1 test accuracy (%)
+    avg_cos_margin mean cosine margin over the training set
+    nuclear_ratio  mean over classes of ||H_k||_* / ||H_k||_F
+    cos_margin_all sorted cosine margins of all training samples, at the last checkpoint
+    cos_margin_low the lowest 1% of those margins (at least 10 samples; 500 of CIFAR-10's and of
+                   mini-ImageNet's 50,000), where the misclassified and hardest samples sit;
+                   --margin_head K shows the K lowest instead
+
+Markers sit every 25 epochs on the paper's 200-epoch runs (about 8 per curve on shorter runs,
+or every --markevery epochs). Nothing is drawn or read at import time.
+"""
+import argparse
+import math
+import os
+import pickle
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, and no GUI backend is ever picked up
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+from args import Parser, positive_int  # noqa: E402
+from utils import UserError  # noqa: E402
+
+INFO = "info.pkl"
+
+# (file name, info.pkl key, y-axis label, log y axis)
+CURVES = (
+    ("NC1", "collapse_metric", r"$\mathcal{NC}_1$", True),
+    ("NC2", "ETF_metric", r"$\mathcal{NC}_2$", False),
+    ("NC3", "WH_relation_metric", r"$\mathcal{NC}_3$", False),
+    ("NC4", "Wh_b_relation_metric", r"$\mathcal{NC}_4$", False),
+    ("train_acc", "train_acc1", "Training accuracy (%)", False),
+    ("test_acc", "test_acc1", "Test accuracy (%)", False),
+    ("avg_cos_margin", "avg_cos_margin", "Average cosine margin", False),
+    ("nuclear_ratio", "nuclear_metric", r"$\|\mathbf{H}_k\|_* \,/\, \|\mathbf{H}_k\|_F$", False),
+)
+MARGIN_KEY = "all_cos_margin"
+MARGIN_FIGURES = ("cos_margin_all", "cos_margin_low")
+FIGURE_NAMES = tuple(c[0] for c in CURVES) + MARGIN_FIGURES
+
+MARGIN_HEAD_FRACTION = 0.01  # cos_margin_low: the lowest 1% of the training samples ...
+MARGIN_HEAD_MIN = 10         # ... but never fewer than 10
+PAPER_MARKEVERY = 25         # epochs between markers on runs of 100 epochs or more
+
+# The look: a 10 x 8 inch canvas with thick lines and large type, so that a panel shrunk to a
+# quarter of a column in the paper stays readable.
+STYLE = {
+    "figsize": (10, 8), "linewidth": 4, "markersize": 15, "alpha": 0.85,
+    "label_size": 36, "tick_size": 28, "legend_size": 26, "legend_size_long": 15,
+}
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+          "#7f7f7f", "#bcbd22")
+LONG_LABEL = 24  # characters; longer legend labels are set small, under the axes
+MARKERS = ("o", "s", "^", "D", "v", "p", "*", "X", "P", "<")
+
+
+# ---------------------------------------------------------------------------- loading
+
+def n_entries(info):
+    """Number of checkpoints recorded in an info dict."""
+    if "epochs" in info:
+        return len(info["epochs"])
+    return max((len(v) for v in info.values() if isinstance(v, (list, tuple))), default=0)
+
+
+def info_epochs(info):
+    """The epoch of each entry; info.pkl files without an `epochs` key count 1, 2, ..."""
+    if "epochs" in info:
+        return [int(e) for e in info["epochs"]]
+    return list(range(1, n_entries(info) + 1))
+
+
+def load_info(run_dir, label=None, hint=""):
+    """The info dict of a run directory. A missing directory, a missing or unreadable info.pkl,
+    or one without checkpoints is a UserError whose one-line message names the run."""
+    who = f"run {label!r} ({run_dir})" if label is not None else f"run {run_dir}"
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{who} not found{hint}")
+    path = os.path.join(run_dir, INFO)
+    if not os.path.isfile(path):
+        raise UserError(f"{who} has no {INFO}: validate it with "
+                        f"python validate_NC.py --load_path {run_dir} --batch_size 1024")
+    try:
+        with open(path, "rb") as f:
+            info = pickle.load(f)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{who}: cannot read {path} ({first}); rerun validate_NC.py on it")
+    if not isinstance(info, dict) or n_entries(info) == 0:
+        raise UserError(f"{who}: {path} holds no checkpoints; rerun validate_NC.py on it")
+    return info
+
+
+# ---------------------------------------------------------------------------- drawing
+
+def marker_indices(epochs, markevery=None):
+    """Indices of the points that get a marker: epochs that are multiples of `markevery`
+    (default 25 on runs reaching epoch 100, else about 8 markers per curve)."""
+    last = max(epochs)
+    step = markevery or (PAPER_MARKEVERY if last >= 100 else max(1, round(last / 8)))
+    idx = [i for i, e in enumerate(epochs) if e % step == 0]
+    return idx or [len(epochs) - 1]
+
+
+def has_margins(info):
+    return MARGIN_KEY in info and len(info[MARGIN_KEY]) > 0
+
+
+def margin_head_size(n, margin_head=None):
+    if margin_head:
+        return min(n, margin_head)
+    return min(n, max(MARGIN_HEAD_MIN, math.ceil(MARGIN_HEAD_FRACTION * n)))
+
+
+def _style_axes(ax, xlabel, ylabel, labels):
+    ax.set_xlabel(xlabel, fontsize=STYLE["label_size"])
+    ax.set_ylabel(ylabel, fontsize=STYLE["label_size"])
+    ax.tick_params(axis="both", which="major", labelsize=STYLE["tick_size"], length=8, width=1.5)
+    # labelsize of the minor ticks too: a log axis spanning less than a decade labels its minor ticks
+    ax.tick_params(axis="both", which="minor", length=4, labelsize=STYLE["tick_size"] * 0.8)
+    ax.yaxis.get_offset_text().set_fontsize(STYLE["tick_size"] * 0.8)
+    ax.grid(True, which="major", linestyle="-", alpha=0.4)
+    if max((len(s) for s in labels), default=0) > LONG_LABEL:
+        # Long labels (run directory names) would cover the curves: the legend goes under the axes.
+        ax.legend(fontsize=STYLE["legend_size_long"], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  frameon=False, handlelength=2.5)
+    else:
+        ax.legend(fontsize=STYLE["legend_size"], framealpha=0.85, handlelength=2.5)
+
+
+def _save(fig, out_dir, name):
+    paths = []
+    for ext in ("png", "pdf"):
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        # No creation date in the PDF: the same data gives the same file.
+        fig.savefig(path, bbox_inches="tight", dpi=100, metadata={"CreationDate": None} if ext == "pdf" else None)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _line_kwargs(i):
+    return dict(color=COLORS[i % len(COLORS)], marker=MARKERS[i % len(MARKERS)], linewidth=STYLE["linewidth"],
+                markersize=STYLE["markersize"], alpha=STYLE["alpha"])
+
+
+def draw_curve(runs, key, ylabel, log, markevery=None):
+    """One figure: `key` against epoch for every (label, info) that has it; None if none has."""
+    have = [(i, label, info) for i, (label, info) in enumerate(runs) if key in info]
+    if not have:
+        return None
+    fig, ax = plt.subplots(figsize=STYLE["figsize"])
+    for i, label, info in have:
+        epochs = info_epochs(info)
+        values = np.asarray(info[key], dtype=float)
+        plot = ax.semilogy if log else ax.plot
+        plot(epochs, values, label=label, markevery=marker_indices(epochs, markevery), **_line_kwargs(i))
+    _style_axes(ax, "Epoch", ylabel, [h[1] for h in have])
+    return fig
+
+
+def draw_margins(runs, head=False, margin_head=None):
+    """Sorted cosine margins of the training samples at each run's last checkpoint: all of them,
+    or (head) the lowest 1% / the lowest `margin_head`."""
+    have = [(i, label, info) for i, (label, info) in enumerate(runs) if has_margins(info)]
+    if not have:
+        return None
+    fig, ax = plt.subplots(figsize=STYLE["figsize"])
+    exact_fraction = True  # every run shows exactly its lowest 1%
+    for i, label, info in have:
+        margins = np.sort(np.asarray(info[MARGIN_KEY][-1], dtype=float).ravel())
+        if head:
+            k = margin_head_size(len(margins), margin_head)
+            exact_fraction &= k == math.ceil(MARGIN_HEAD_FRACTION * len(margins))
+            margins = margins[:k]
+        rank = np.arange(1, len(margins) + 1)
+        ax.plot(rank, margins, label=label, markevery=max(1, len(margins) // 8), **_line_kwargs(i))
+    ax.axhline(0.0, color="black", linewidth=1.5, linestyle="--", alpha=0.7)  # below: misclassified
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10], integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"))
+    if not head:
+        xlabel = "Training samples (sorted)"
+    elif margin_head:
+        xlabel = f"Lowest {margin_head} training samples"
+    elif exact_fraction:
+        xlabel = f"Lowest {MARGIN_HEAD_FRACTION:.0%} of training samples"
+    else:  # small training sets: at least MARGIN_HEAD_MIN samples, more than 1%
+        xlabel = "Lowest-margin training samples"
+    _style_axes(ax, xlabel, "Cosine margin", [h[1] for h in have])
+    return fig
+
+
+def plot_infos(runs, out_dir, markevery=None, margin_head=None):
+    """Draw every figure for runs = [(label, info)] into out_dir. Returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    figures = [(name, draw_curve(runs, key, ylabel, log, markevery)) for name, key, ylabel, log in CURVES]
+    figures += [(name, draw_margins(runs, head, margin_head)) for name, head in zip(MARGIN_FIGURES, (False, True))]
+    written = [path for name, fig in figures if fig is not None for path in _save(fig, out_dir, name)]
+    missing = [name for name, fig in figures if fig is None]
+    for label, info in runs:
+        lacks = [key for _, key, _, _ in CURVES if key not in info] + ([] if has_margins(info) else [MARGIN_KEY])
+        if lacks:
+            print(f"warning: run {label!r} has no {', '.join(lacks)} in its {INFO}: left out of those figures",
+                  file=sys.stderr)
+    if missing:
+        print(f"warning: no run has the data of {', '.join(missing)}: not drawn", file=sys.stderr)
+    return written
+
+
+def plot_runs(runs, out_dir, markevery=None, margin_head=None, skip_missing=False, hint=""):
+    """runs = [(label, run directory)]. Every info.pkl is read before anything is written; a run
+    that cannot be read is a UserError (with skip_missing: a warning, and the run is left out)."""
+    labels = [label for label, _ in runs]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise UserError(f"label {twice[0]!r} is given to more than one run; labels must tell runs apart")
+    loaded = []
+    for label, run_dir in runs:
+        try:
+            loaded.append((label, load_info(run_dir, label, hint)))
+        except UserError as e:
+            if not skip_missing:
+                raise
+            print(f"warning: {e}; left out", file=sys.stderr)
+    if not loaded:
+        raise UserError("none of the runs could be read: nothing to plot")
+    written = plot_infos(loaded, out_dir, markevery, margin_head)
+    runs_word = "run" if len(loaded) == 1 else "runs"
+    print(f"wrote {len(written) // 2} figures (png and pdf) of {len(loaded)} {runs_word} to {out_dir}/")
+    return written
+
+
+# ---------------------------------------------------------------------------- command line
+
+def label_dir(text):
+    """argparse type of --runs: LABEL=DIR, split at the last '=' (labels such as 'd=10' are fine)."""
+    label, sep, run_dir = text.rpartition("=")
+    if not sep or not label or not run_dir:
+        raise argparse.ArgumentTypeError(f"expected LABEL=DIR, got {text!r}")
+    return label, run_dir
+
+
+def script_name(script):
+    return os.path.splitext(os.path.basename(script))[0]
+
+
+def base_parser(script, description=None, epilog=None):
+    """The options every plot script shares: --root, --out_dir (figures/<script>/), the look."""
+    p = Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="model_weights",
+                   help="folder holding the run directories (default: %(default)s)")
+    p.add_argument("--out_dir", default=os.path.join("figures", script_name(script)),
+                   help="where the .png and .pdf files go (default: %(default)s)")
+    p.add_argument("--markevery", type=positive_int, default=None, metavar="EPOCHS",
+                   help="epochs between markers (default: 25, or about 8 markers per curve on runs under 100 epochs)")
+    p.add_argument("--margin_head", type=positive_int, default=None, metavar="K",
+                   help="cos_margin_low shows the K lowest margins (default: the lowest 1%%, at least 10)")
+    p.add_argument("--skip_missing", action="store_true",
+                   help="leave out, with a warning, runs that are missing or not validated yet")
+    return p
+
+
+def figure_parser(script, description, table):
+    """base_parser plus --runs, for a figure script whose default runs are `table` (label -> run name)."""
+    width = max(len(label) for label in table)
+    epilog = "default runs (under --root):\n" + "\n".join(f"  {label:<{width}}  {name}"
+                                                         for label, name in table.items())
+    p = base_parser(script, description, epilog)
+    p.add_argument("--runs", nargs="+", type=label_dir, default=None, metavar="LABEL=DIR",
+                   help="plot these runs instead of the paper's; DIR is relative to --root or absolute")
+    return p
+
+
+def resolve(root, run_dir):
+    return os.path.join(os.path.expanduser(root), os.path.expanduser(run_dir))  # an absolute DIR ignores root
+
+
+def figure_main(script, table, description=None, argv=None, figure=None):
+    """The whole of a figure script: parse argv, plot the table's runs (or --runs) under --root.
+    `figure` names the experiments.py --figure that trains the table's runs, for the error hint."""
+    args = figure_parser(script, description, table).parse_args(argv)
+    pairs = args.runs if args.runs is not None else list(table.items())
+    runs = [(label, resolve(args.root, run_dir)) for label, run_dir in pairs]
+    hint = ""
+    if args.runs is None and figure is not None:
+        hint = f"; train and validate it (python experiments.py --figure {figure} prints the commands), or set --root"
+    return plot_runs(runs, args.out_dir, args.markevery, args.margin_head, args.skip_missing, hint)

@@ -1,0 +1,373 @@
+"""Data sets (SPEC.md section 4), read from tiny copies written in the real on-disk formats."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import datasets
+import fake_data
+from utils import UserError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make(name, data_dir, batch_size=64, sample_size=None, SOTA=False):
+    return datasets.make_dataset(name, data_dir, batch_size, sample_size=sample_size, SOTA=SOTA, num_workers=0)
+
+
+def collect(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def normalise(images_hwc, mean, std):
+    """ToTensor + Normalize of uint8 (N, H, W, 3) images, by hand."""
+    x = torch.as_tensor(images_hwc).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def to_uint8(x, mean, std):
+    """Undo Normalize + ToTensor: (N, 3, H, W) float -> (N, H, W, 3) uint8."""
+    x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def mnist_reference(images):
+    """torchvision's MNIST pipeline of the paper: Grayscale(3), Resize(32), ToTensor, Normalize."""
+    t = T.Compose([T.Grayscale(3), T.Resize(32), T.ToTensor(), T.Normalize(MNIST_MEAN, MNIST_STD)])
+    return torch.stack([t(Image.fromarray(img)) for img in images])
+
+
+def first_per_class(labels, n):
+    return np.concatenate([np.flatnonzero(labels == k)[:n] for k in np.unique(labels)])
+
+
+def transform_types(loader):
+    transform = loader.dataset.transform
+    steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    return steps
+
+
+def assert_same_rows(a, b, atol=1e-5):
+    """a and b hold the same rows up to order (matched greedily, rows flattened)."""
+    a, b = a.flatten(1), b.flatten(1)
+    assert a.shape == b.shape
+    free = torch.ones(len(b), dtype=torch.bool)
+    for row in a:
+        dist = (b - row).abs().amax(1)
+        dist[~free] = float("inf")
+        j = int(dist.argmin())
+        assert dist[j] <= atol, "a loaded image matches no expected image"
+        free[j] = False
+
+
+# ---------------------------------------------------------------------------- MNIST
+
+def test_mnist_shapes_normalisation_and_labels(fake_mnist):
+    root, arrays = fake_mnist
+    train, test, num_classes = make("mnist", root, batch_size=7)
+    assert num_classes == 10
+    x, y = next(iter(test))
+    assert x.shape == (7, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    x, y = collect(test)  # the test set keeps its order
+    assert len(y) == 20
+    torch.testing.assert_close(x, mnist_reference(arrays["test_images"]), atol=1e-5, rtol=0)
+    assert y.tolist() == arrays["test_labels"].tolist()
+    x, y = collect(train)  # shuffled: compare as sets
+    assert len(y) == 30 and sorted(y.tolist()) == sorted(arrays["train_labels"].tolist())
+    ref = mnist_reference(arrays["train_images"])
+    assert_same_rows(torch.cat([x.flatten(1), y[:, None].float()], 1),
+                     torch.cat([ref.flatten(1), torch.as_tensor(arrays["train_labels"])[:, None].float()], 1))
+
+
+def test_mnist_sample_size_takes_the_first_n_per_class(fake_mnist):
+    root, arrays = fake_mnist
+    train, test, num_classes = make("mnist", root, sample_size=2)
+    x, y = collect(train)
+    assert len(y) == 20 and np.bincount(y.numpy(), minlength=10).tolist() == [2] * 10
+    keep = first_per_class(arrays["train_labels"], 2)
+    ref = mnist_reference(arrays["train_images"][keep])
+    assert_same_rows(torch.cat([x.flatten(1), y[:, None].float()], 1),
+                     torch.cat([ref.flatten(1), torch.as_tensor(arrays["train_labels"][keep])[:, None].float()], 1))
+    assert len(collect(test)[1]) == 20  # the test set is whole
+
+
+def test_mnist_sample_ships_with_the_repository(tmp_path):
+    train, test, num_classes = make("mnist_sample", str(tmp_path), batch_size=100, sample_size=3)
+    assert num_classes == 10
+    x, y = collect(train)
+    assert x.shape == (30, 3, 32, 32) and np.bincount(y.numpy()).tolist() == [3] * 10
+    x, y = next(iter(test))
+    assert x.shape == (100, 3, 32, 32)
+    # Normalize(0.1307, 0.3081): a black pixel maps to -0.1307 / 0.3081
+    assert x.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+@pytest.mark.xfail(reason="BUG: datasets._CIFAR10 skips the md5 checks of the data batches but torchvision's "
+                          "CIFAR10._load_meta still checks batches.meta against the real file's md5, so any "
+                          "CIFAR-10 copy other than the original (e.g. the tests' own) is reported as corrupt",
+                   strict=True, raises=UserError)
+def test_cifar10_in_torchvision_format_loads(fake_cifar10):
+    root, arrays = fake_cifar10
+    train, test, num_classes = make("cifar10", root)
+    assert num_classes == 10 and len(collect(test)[1]) == 20
+
+
+def test_cifar10_shapes_normalisation_and_labels(fake_cifar10, cifar_meta_md5_ignored):
+    root, arrays = fake_cifar10
+    train, test, num_classes = make("cifar10", root, batch_size=8)
+    assert num_classes == 10
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8,)
+    x, y = collect(test)
+    torch.testing.assert_close(x, normalise(arrays["test_images"], CIFAR_MEAN, CIFAR_STD), atol=1e-5, rtol=0)
+    assert y.tolist() == arrays["test_labels"].tolist()
+    x, y = collect(train)
+    assert len(y) == 50
+    ids = fake_data.read_stamp(to_uint8(x, CIFAR_MEAN, CIFAR_STD))
+    assert sorted(ids.tolist()) == list(range(50))  # every training image once, from all five batch files
+    assert y.tolist() == arrays["train_labels"][ids].tolist()
+    torch.testing.assert_close(x, normalise(arrays["train_images"][ids], CIFAR_MEAN, CIFAR_STD), atol=1e-5, rtol=0)
+
+
+def test_cifar10_sample_size(fake_cifar10, cifar_meta_md5_ignored):
+    root, arrays = fake_cifar10
+    x, y = collect(make("cifar10", root, sample_size=3)[0])
+    ids = fake_data.read_stamp(to_uint8(x, CIFAR_MEAN, CIFAR_STD))
+    assert sorted(ids.tolist()) == sorted(first_per_class(arrays["train_labels"], 3).tolist())
+    assert y.tolist() == arrays["train_labels"][ids].tolist()
+
+
+def test_cifar10_sota_augments_the_training_set_only(fake_cifar10, cifar_meta_md5_ignored):
+    root, arrays = fake_cifar10
+    train, test, _ = make("cifar10", root, SOTA=True)
+    steps = transform_types(train)
+    crops = [s for s in steps if isinstance(s, T.RandomCrop)]
+    assert len(crops) == 1 and tuple(crops[0].size) == (32, 32) and crops[0].padding == 4
+    assert any(isinstance(s, T.RandomHorizontalFlip) for s in steps)
+    assert not any(isinstance(s, (T.RandomCrop, T.RandomHorizontalFlip)) for s in transform_types(test))
+    x, y = collect(test)
+    torch.testing.assert_close(x, normalise(arrays["test_images"], CIFAR_MEAN, CIFAR_STD), atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    x, y = collect(train)
+    assert x.shape == (50, 3, 32, 32)
+    plain = normalise(arrays["train_images"], CIFAR_MEAN, CIFAR_STD).flatten(1)
+    untouched = sum(bool(((plain - row).abs().amax(1) < 1e-5).any()) for row in x.flatten(1))
+    assert untouched < 25  # each image stays as it was with probability 1/162
+
+
+def test_mnist_is_not_augmented_by_sota(fake_mnist):
+    root, arrays = fake_mnist
+    train, _, _ = make("mnist", root, SOTA=True)
+    assert not any(isinstance(s, (T.RandomCrop, T.RandomHorizontalFlip)) for s in transform_types(train))
+
+
+# ---------------------------------------------------------------------------- CIFAR-10 with random labels
+
+def random_label_view(root):
+    """(stamp -> label of the training set, test labels in order, test images) of cifar10_random."""
+    train, test, num_classes = make("cifar10_random", root)
+    assert num_classes == 10
+    x, y = collect(train)
+    ids = fake_data.read_stamp(to_uint8(x, IMAGENET_MEAN, IMAGENET_STD))
+    xt, yt = collect(test)
+    return dict(zip(ids.tolist(), y.tolist())), yt.tolist(), xt
+
+
+def test_cifar10_random_labels_balanced_stored_and_reused(fake_cifar10, cifar_meta_md5_ignored, monkeypatch):
+    root, arrays = fake_cifar10
+    train_labels, test_labels, xt = random_label_view(root)
+    # ImageNet normalisation, same images as cifar10
+    torch.testing.assert_close(xt, normalise(arrays["test_images"], IMAGENET_MEAN, IMAGENET_STD), atol=1e-5, rtol=0)
+    assert sorted(train_labels) == list(range(50))
+    assert np.bincount(list(train_labels.values()), minlength=10).tolist() == [5] * 10
+    assert np.bincount(test_labels, minlength=10).tolist() == [2] * 10
+    assert [train_labels[i] for i in range(50)] != arrays["train_labels"].tolist()  # permuted
+    folder = os.path.join(root, "cifar10_random_label")
+    assert os.path.isdir(folder) and os.listdir(folder)
+    stored = fake_data.snapshot_tree(folder)
+
+    # A second load reads them back: same labels, files untouched, whatever the random state.
+    monkeypatch.setattr(datasets, "RANDOM_LABEL_SEED", 12345, raising=False)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    again_train, again_test, _ = random_label_view(root)
+    assert again_train == train_labels and again_test == test_labels
+    assert fake_data.snapshot_tree(folder) == stored
+
+
+def test_cifar10_random_labels_do_not_depend_on_the_global_seed(tmp_path, cifar_meta_md5_ignored):
+    labels = []
+    for i, seed in enumerate((0, 1)):
+        root = str(tmp_path / f"copy{i}")
+        fake_data.write_cifar10(root)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        labels.append(random_label_view(root)[:2])
+    assert labels[0] == labels[1]
+
+
+def test_cifar10_random_sample_size_uses_the_random_labels(fake_cifar10, cifar_meta_md5_ignored):
+    root, _ = fake_cifar10
+    train_labels, _, _ = random_label_view(root)
+    by_stamp = np.array([train_labels[i] for i in range(50)])
+    x, y = collect(make("cifar10_random", root, sample_size=2)[0])
+    ids = fake_data.read_stamp(to_uint8(x, IMAGENET_MEAN, IMAGENET_STD))
+    assert sorted(ids.tolist()) == sorted(first_per_class(by_stamp, 2).tolist())
+    assert y.tolist() == by_stamp[ids].tolist()
+
+
+# ---------------------------------------------------------------------------- mini-ImageNet
+
+def test_mini_imagenet_splits_labels_and_normalisation(fake_mini_imagenet):
+    root, expected = fake_mini_imagenet
+    train, test, num_classes = make("mini_imagenet", root, batch_size=400)
+    assert num_classes == len(expected) == 4
+    x, y = collect(test)  # in order: class by class, the last 100 of each
+    assert x.shape == (400, 3, 84, 84)
+    assert y.tolist() == [c for c in range(4) for _ in range(100)]
+    ids = fake_data.read_stamp(to_uint8(x, IMAGENET_MEAN, IMAGENET_STD))
+    want = np.concatenate([fake_data.read_stamp(images[500:]) for _, images in expected])
+    assert ids.tolist() == want.tolist()
+    torch.testing.assert_close(x[:3], normalise(expected[0][1][500:503], IMAGENET_MEAN, IMAGENET_STD),
+                               atol=1e-5, rtol=0)
+    x, y = collect(train)
+    assert x.shape == (2000, 3, 84, 84)
+    assert np.bincount(y.numpy()).tolist() == [500] * 4
+    ids = fake_data.read_stamp(to_uint8(x, IMAGENET_MEAN, IMAGENET_STD))
+    for c, (_, images) in enumerate(expected):
+        assert sorted(ids[y.numpy() == c].tolist()) == sorted(fake_data.read_stamp(images[:500]).tolist())
+
+
+def test_mini_imagenet_sample_size_and_sota(fake_mini_imagenet):
+    root, expected = fake_mini_imagenet
+    train, test, _ = make("mini_imagenet", root, sample_size=3, SOTA=True)
+    crops = [s for s in transform_types(train) if isinstance(s, T.RandomCrop)]
+    assert len(crops) == 1 and tuple(crops[0].size) == (84, 84) and crops[0].padding == 4
+    assert any(isinstance(s, T.RandomHorizontalFlip) for s in transform_types(train))
+    assert not any(isinstance(s, (T.RandomCrop, T.RandomHorizontalFlip)) for s in transform_types(test))
+    x, y = collect(train)
+    assert x.shape == (12, 3, 84, 84) and np.bincount(y.numpy()).tolist() == [3] * 4
+    assert len(test.dataset) == 400
+
+
+@pytest.mark.xfail(reason="BUG: a mini-ImageNet cache with 500 or fewer images per class leaves the test split "
+                          "empty and load_data crashes in y_test.max() with a numpy ValueError traceback "
+                          "instead of a one-line UserError", strict=True,
+                   raises=ValueError)
+def test_mini_imagenet_with_too_few_images_per_class(tmp_path):
+    root = str(tmp_path)
+    fake_data.write_mini_imagenet(os.path.join(root, "mini_imagenet"), classes=(1, 1, 1), per_class=20)
+    try:
+        train, test, num_classes = make("mini_imagenet", root)
+    except UserError:
+        return  # refusing such a cache in one line is fine
+    assert num_classes == 3 and len(train.dataset) == 60
+
+
+# ---------------------------------------------------------------------------- missing and damaged files
+
+def assert_untouched(root, before):
+    files, dirs = fake_data.snapshot_tree(root)
+    assert files == before[0]
+    assert before[1] <= dirs
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="imagenet21k"):
+        make("imagenet21k", "/nonexistent")
+
+
+def test_mnist_missing_files_named(tmp_path):
+    root = str(tmp_path / "d")
+    fake_data.write_mnist(root)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        os.remove(os.path.join(root, "MNIST", "raw", name))
+    before = fake_data.snapshot_tree(root)
+    with pytest.raises(UserError) as e:
+        make("mnist", root)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "t10k-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    assert root in message
+    assert_untouched(root, before)
+
+
+def test_cifar10_missing_files_named(tmp_path):
+    root = str(tmp_path / "d")
+    fake_data.write_cifar10(root)
+    os.remove(os.path.join(root, "cifar-10-batches-py", "data_batch_4"))
+    before = fake_data.snapshot_tree(root)
+    with pytest.raises(UserError) as e:
+        make("cifar10", root)
+    message = str(e.value)
+    assert "\n" not in message and "data_batch_4" in message and root in message
+    assert_untouched(root, before)
+
+
+def test_mini_imagenet_missing_files_named(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(UserError) as e:
+        make("mini_imagenet", root)
+    message = str(e.value)
+    assert "\n" not in message and root in message
+    for split in ("train", "val", "test"):
+        assert f"mini-imagenet-cache-{split}.pkl" in message
+
+
+def test_mnist_truncated_file(tmp_path):
+    root = str(tmp_path / "d")
+    fake_data.write_mnist(root)
+    path = os.path.join(root, "MNIST", "raw", "train-images-idx3-ubyte")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    before = fake_data.snapshot_tree(root)
+    with pytest.raises(UserError) as e:
+        make("mnist", root)
+    assert "\n" not in str(e.value) and "truncated" in str(e.value) and root in str(e.value)
+    assert_untouched(root, before)
+
+
+def test_cifar10_truncated_file(tmp_path, cifar_meta_md5_ignored):
+    root = str(tmp_path / "d")
+    fake_data.write_cifar10(root)
+    path = os.path.join(root, "cifar-10-batches-py", "data_batch_3")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    before = fake_data.snapshot_tree(root)
+    with pytest.raises(UserError) as e:
+        make("cifar10", root)
+    assert "\n" not in str(e.value) and "truncated" in str(e.value) and root in str(e.value)
+    assert_untouched(root, before)
+
+
+def test_mini_imagenet_truncated_file(tmp_path):
+    folder = str(tmp_path / "mini_imagenet")
+    fake_data.write_mini_imagenet(folder, classes=(1, 1, 1), per_class=600)
+    path = os.path.join(folder, "mini-imagenet-cache-val.pkl")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    before = fake_data.snapshot_tree(str(tmp_path))
+    with pytest.raises(UserError) as e:
+        make("mini_imagenet", str(tmp_path))
+    assert "\n" not in str(e.value) and "mini-imagenet-cache-val.pkl" in str(e.value)
+    assert_untouched(str(tmp_path), before)
+
+
+def test_mini_imagenet_cache_without_its_keys(tmp_path):
+    folder = tmp_path / "mini_imagenet"
+    fake_data.write_mini_imagenet(str(folder), classes=(1, 1, 1), per_class=600)
+    with open(folder / "mini-imagenet-cache-test.pkl", "wb") as f:
+        pickle.dump({"images": np.zeros((1, 84, 84, 3), np.uint8)}, f)
+    with pytest.raises(UserError, match="mini-imagenet-cache-test.pkl"):
+        make("mini_imagenet", str(tmp_path))

@@ -1,0 +1,132 @@
+"""The losses and penalties of SPEC.md section 5, each against its formula on a hand-made case."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+import utils
+from args import train_parser
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Two samples, three classes, logits chosen by hand.
+Z = torch.tensor([[1.0, 2.0, 0.0],
+                  [0.5, -1.0, 3.0]])
+Y = torch.tensor([1, 2])
+
+
+def criterion(*flags, num_classes=3):
+    return utils.make_criterion(train_parser().parse_args(list(flags)), num_classes)
+
+
+def test_mse_is_the_mean_over_all_B_times_K_entries():
+    # sample 0, target (0, 1, 0): 1 + 1 + 0 = 2; sample 1, target (0, 0, 1): 0.25 + 1 + 4 = 5.25
+    expected = (2.0 + 5.25) / 6
+    assert criterion("--loss", "MSE")(Z, Y).item() == pytest.approx(expected)
+    assert criterion()(Z, Y).item() == pytest.approx(expected)  # MSE is the default
+    assert criterion()(Z, Y).item() == pytest.approx(nn.MSELoss()(Z, torch.eye(3)[Y]).item())
+
+
+def test_rescaled_mse_formula():
+    M, k, K = 3.0, 2.0, 3
+    # per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2]
+    s0 = (k * (2.0 - M) ** 2 + 1.0 ** 2 + 0.0 ** 2) / K  # (2 + 1) / 3 = 1
+    s1 = (k * (3.0 - M) ** 2 + 0.5 ** 2 + 1.0 ** 2) / K  # 1.25 / 3
+    expected = (s0 + s1) / 2
+    assert expected == pytest.approx((1 + 1.25 / 3) / 2)
+    loss = criterion("--loss", "RescaledMSE", "--M", "3", "--k", "2")(Z, Y)
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_rescaled_mse_generic_case_against_a_loop():
+    torch.manual_seed(0)
+    z, y, M, k, K = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 1, 2]), 5.0, 15.0, 4
+    per_sample = []
+    for zi, yi in zip(z, y):
+        rest = sum(zi[j].item() ** 2 for j in range(K) if j != yi)
+        per_sample.append((k * (zi[yi].item() - M) ** 2 + rest) / K)
+    loss = criterion("--loss", "RescaledMSE", "--M", str(M), "--k", str(k), num_classes=K)(z, y)
+    assert loss.item() == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-12)
+
+
+def test_rescaled_mse_with_M_1_k_1_is_mse():
+    assert criterion("--loss", "RescaledMSE")(Z, Y).item() == pytest.approx(criterion("--loss", "MSE")(Z, Y).item())
+
+
+def test_cross_entropy_formula():
+    expected = 0.0
+    for z, y in zip(Z.tolist(), Y.tolist()):
+        expected += -(z[y] - math.log(sum(math.exp(v) for v in z)))
+    assert criterion("--loss", "CrossEntropy")(Z, Y).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_losses_have_gradients():
+    for flags in (["--loss", "MSE"], ["--loss", "RescaledMSE", "--M", "3", "--k", "2"], ["--loss", "CrossEntropy"]):
+        z = Z.clone().requires_grad_(True)
+        criterion(*flags)(z, Y).backward()
+        assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_mse_gradient_formula():
+    z = Z.clone().requires_grad_(True)
+    criterion("--loss", "MSE")(z, Y).backward()
+    torch.testing.assert_close(z.grad, 2 * (Z - torch.eye(3)[Y]) / 6)
+
+
+def test_unknown_loss_is_a_user_error():
+    args = train_parser().parse_args([])
+    args.loss = "Hinge"
+    with pytest.raises(utils.UserError, match="Hinge"):
+        utils.make_criterion(args, 3)
+
+
+# ---------------------------------------------------------------------------- penalties
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sep_decay_penalty_formula(bias):
+    torch.manual_seed(0)
+    model = models.MLP(hidden=4, depth=1, fc_bias=bias, num_classes=3)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+        if bias:
+            model.fc.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    h = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.5, 0.5, 0.5, 0.5]])
+    wd, fdr = 5e-4, 1e-2
+    W2 = sum((i / 10) ** 2 for i in range(12))
+    b2 = (1 + 4 + 0.25) if bias else 0.0
+    h2 = (1 + 4 + 1) + 4 * 0.25  # sum over the batch of ||h_i||^2
+    expected = wd / 2 * (W2 + b2) + fdr / 2 * h2
+    assert utils.sep_decay_penalty(model, h, wd, fdr).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sep_decay_penalty_excludes_the_body():
+    """Only W, b and the features are decayed: the body's weights get no gradient from the penalty."""
+    model = models.MLP(hidden=4, depth=1, num_classes=3)
+    h = torch.randn(2, 4, requires_grad=True)
+    utils.sep_decay_penalty(model, h, 0.1, 0.2).backward()
+    torch.testing.assert_close(h.grad, 0.2 * h.detach())
+    torch.testing.assert_close(model.fc.weight.grad, 0.1 * model.fc.weight.detach())
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("fc."))
+
+
+def test_sep_decay_objective_adds_the_penalty():
+    from training import make_objective
+    torch.manual_seed(0)
+    args = train_parser().parse_args(["--model", "MLP", "--width", "8", "--depth", "1", "--sep_decay",
+                                      "--weight_decay", "0.01", "--feature_decay_rate", "0.02"])
+    model = models.build_model(args, 3).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loss, logits = make_objective(args, model, utils.make_criterion(args, 3))(x, y)
+    z, h = model(x)
+    expected = nn.MSELoss()(z, torch.eye(3)[y]) + 0.005 * (model.fc.weight.pow(2).sum() + model.fc.bias.pow(2).sum()) \
+        + 0.01 * h.pow(2).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(logits, z)
+
+
+def test_l2_penalty_formula():
+    params = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0], [-1.0]])]
+    assert utils.l2_penalty(params, 0.1).item() == pytest.approx(0.5 * 0.1 * (1 + 4 + 9 + 1))
+    assert utils.l2_penalty(params, 0.0).item() == 0.0

@@ -1,0 +1,301 @@
+"""The plot scripts, plot_runs.py and the experiments.py runbook, on synthetic info.pkl files."""
+import os
+import pickle
+import re
+import shlex
+
+import numpy as np
+import pytest
+
+import args as args_module
+import experiments
+import plot_dk_mse
+import plot_etf_mse
+import plot_k_rmse
+import plot_M_rmse
+import plot_optim_mse
+import plot_runs
+import plot_utils
+from utils import UserError, run_main
+
+FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
+                  "k": plot_k_rmse}
+PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF"
+
+
+def fake_info(epochs=30, n_samples=2000, seed=0, speed=1.0):
+    """An info.pkl dict shaped like validate_NC.py's: NC curves that decay with training (faster
+    for larger `speed`, with drops at the learning-rate steps), rising accuracies and margins."""
+    rng = np.random.default_rng(seed)
+    e = np.arange(1, epochs + 1)
+    steps = 1 + 3 * np.floor(e * 200 / epochs / 40)  # StepLR drops, on the 200-epoch clock
+    decay = np.exp(-speed * e * 6 / epochs) / steps  # 1 -> ~0.001
+    noise = lambda scale: 1 + scale * rng.standard_normal(epochs)
+    margins = (0.9 - 0.1 * speed) * (1 - decay) - 0.1 * decay
+    K, d = 10, 16
+    info = {
+        "epochs": e.tolist(),
+        "collapse_metric": (3.0 * decay * noise(0.05) + 1e-3).tolist(),
+        "ETF_metric": (0.9 * decay * noise(0.05) + 0.05).tolist(),
+        "WH_relation_metric": (1.1 * decay * noise(0.05) + 0.08).tolist(),
+        "Wh_b_relation_metric": (0.5 * decay * noise(0.1) + 0.01).tolist(),
+        "train_acc1": (100 - 90 * decay).tolist(),
+        "train_acc5": (100 - 50 * decay).tolist(),
+        "test_acc1": (80 - 70 * decay - 2 * speed).tolist(),
+        "test_acc5": (98 - 40 * decay).tolist(),
+        "avg_cos_margin": margins.tolist(),
+        "nuclear_metric": (1 + 2.5 * decay).tolist(),
+        "all_cos_margin": [np.sort(rng.normal(m, 0.1 + 0.05 * speed + 0.3 * dk, n_samples)) for m, dk in zip(margins, decay)],
+        "W": [rng.standard_normal((K, d)) for _ in e], "b": [rng.standard_normal(K) for _ in e],
+        "H": [rng.standard_normal((d, K)) for _ in e], "mu_G_train": [rng.standard_normal(d) for _ in e],
+        "mu_G_test": [rng.standard_normal(d) for _ in e],
+    }
+    return info
+
+
+def write_run(root, name, epochs=30, **kwargs):
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(fake_info(epochs, **kwargs), f)
+    return run_dir
+
+
+def write_runs(root, table):
+    for i, name in enumerate(table.values()):
+        write_run(root, name, seed=i, speed=1 + 0.4 * i)
+
+
+def assert_figures(out_dir):
+    for name in plot_utils.FIGURE_NAMES:
+        for ext, magic in (("png", PNG_MAGIC), ("pdf", PDF_MAGIC)):
+            path = os.path.join(out_dir, f"{name}.{ext}")
+            assert os.path.isfile(path), f"{path} missing"
+            with open(path, "rb") as f:
+                head = f.read(8)
+            assert os.path.getsize(path) > 1000 and head.startswith(magic), path
+
+
+# ---------------------------------------------------------------------------- figure scripts
+
+@pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
+def test_figure_script_draws_every_panel(figure, tmp_path):
+    module = FIGURE_SCRIPTS[figure]
+    root, out = tmp_path / "runs", tmp_path / "out"
+    write_runs(root, module.RUNS)
+    written = module.main(["--root", str(root), "--out_dir", str(out)])
+    assert_figures(out)
+    assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
+
+
+@pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
+def test_missing_run_is_a_one_line_error(figure, tmp_path, capsys):
+    module = FIGURE_SCRIPTS[figure]
+    root, out = tmp_path / "runs", tmp_path / "out"
+    write_runs(root, module.RUNS)
+    gone = list(module.RUNS.values())[-1]
+    os.remove(root / gone / "info.pkl")
+    os.rmdir(root / gone)
+    with pytest.raises(SystemExit) as e:
+        run_main(module.main, ["--root", str(root), "--out_dir", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and gone in err
+    assert f"experiments.py --figure {figure}" in err
+    assert not out.exists()  # nothing written
+
+
+def test_run_without_info_pkl_names_it(tmp_path):
+    root = tmp_path / "runs"
+    write_runs(root, plot_optim_mse.RUNS)
+    unvalidated = plot_optim_mse.RUNS["Adam"]
+    os.remove(root / unvalidated / "info.pkl")
+    with pytest.raises(UserError, match=re.escape(unvalidated) + ".*validate_NC.py"):
+        plot_optim_mse.main(["--root", str(root), "--out_dir", str(tmp_path / "out")])
+
+
+def test_unreadable_info_pkl(tmp_path):
+    run_dir = write_run(tmp_path, "broken")
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(UserError, match="cannot read"):
+        plot_utils.load_info(run_dir)
+
+
+def test_skip_missing_plots_the_rest(tmp_path, capsys):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    write_runs(root, plot_k_rmse.RUNS)
+    os.remove(root / plot_k_rmse.RUNS[r"$\alpha=5$"] / "info.pkl")
+    plot_k_rmse.main(["--root", str(root), "--out_dir", str(out), "--skip_missing"])
+    assert_figures(out)
+    assert "warning" in capsys.readouterr().err
+
+
+def test_runs_flag_replaces_the_table(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    write_run(root, "mine")
+    elsewhere = write_run(tmp_path / "elsewhere", "theirs", seed=3, speed=2)
+    written = plot_etf_mse.main(["--root", str(root), "--out_dir", str(out),
+                                 "--runs", "d=10=mine", f"other={elsewhere}"])  # labels may hold '='
+    assert_figures(out)
+    assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
+    with pytest.raises(SystemExit) as e:
+        plot_etf_mse.main(["--root", str(root), "--runs", "no_label_here"])
+    assert e.value.code == 2
+
+
+def test_default_out_dir_is_figures_script_name():
+    p = plot_utils.figure_parser("plot_dk_mse.py", "x", plot_dk_mse.RUNS)
+    a = p.parse_args([])
+    assert a.root == "model_weights" and os.path.normpath(a.out_dir) == os.path.join("figures", "plot_dk_mse")
+
+
+def test_info_without_epochs_key_and_short_margins(tmp_path):
+    info = fake_info(epochs=5, n_samples=7)
+    del info["epochs"]
+    assert plot_utils.info_epochs(info) == [1, 2, 3, 4, 5]
+    assert plot_utils.margin_head_size(7) == 7 and plot_utils.margin_head_size(50000) == 500
+    written = plot_utils.plot_infos([("a", info)], str(tmp_path))
+    assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
+
+
+def test_markers_every_25_epochs():
+    assert plot_utils.marker_indices(list(range(1, 201))) == [24, 49, 74, 99, 124, 149, 174, 199]
+    assert len(plot_utils.marker_indices(list(range(1, 31)))) >= 5
+
+
+# ---------------------------------------------------------------------------- plot_runs.py
+
+def test_plot_runs_any_set(tmp_path, capsys):
+    a, b = write_run(tmp_path, "run_a"), write_run(tmp_path, "run_b", seed=1, speed=2)
+    out = tmp_path / "out"
+    plot_runs.main([a, b, "--out_dir", str(out)])
+    assert_figures(out)
+    out2 = tmp_path / "out2"
+    plot_runs.main([a, b, "--labels", "first", "second", "--out_dir", str(out2)])
+    assert_figures(out2)
+    with pytest.raises(SystemExit) as e:
+        run_main(plot_runs.main, [a, b, "--labels", "only_one", "--out_dir", str(out2)])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        run_main(plot_runs.main, [a, str(tmp_path / "nowhere"), "--out_dir", str(out2)])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "nowhere" in err[-1]
+
+
+# ---------------------------------------------------------------------------- experiments.py
+
+UID = re.compile(r"^(cifar10|mini_imagenet)_(MSE|RMSE)_(SGD|Adam|LBFGS)_bias_(true|false)_batchsize_(\d+)"
+                 r"_ETFfc_(true|false)_fixdim_(false|\d+)_sota_(true|false)(?:_M_(\d+)_k_(\d+))?$")
+
+
+def expected_from_uid(uid):
+    """The settings a run name spells out, as the training parser's attributes."""
+    m = UID.match(uid)
+    assert m, uid
+    dataset, loss, opt, bias, bs, etf, fixdim, sota, M, k = m.groups()
+    return {"dataset": dataset, "loss": {"MSE": "MSE", "RMSE": "RescaledMSE"}[loss], "optimizer": opt,
+            "bias": bias == "true", "batch_size": int(bs), "ETF_fc": etf == "true",
+            "fixdim": 0 if fixdim == "false" else int(fixdim), "SOTA": sota == "true",
+            "M": float(M or 1), "k": float(k or 1), "uid": uid}
+
+
+LR = {("cifar10", "SGD"): 0.05, ("cifar10", "Adam"): 0.001, ("cifar10", "LBFGS"): 0.1, ("mini_imagenet", "SGD"): 0.01}
+
+
+def commands(argv, capsys):
+    experiments.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    return [shlex.split(line) for line in lines if not line.startswith("#")], lines
+
+
+@pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
+def test_runbook_commands_parse(figure, tmp_path, capsys):
+    module = FIGURE_SCRIPTS[figure]
+    for root in ("model_weights", str(tmp_path / "runs")):
+        cmds, _ = commands(["--figure", figure, "--root", root], capsys)
+        trained, validated = [], []
+        for cmd in cmds[:-1]:
+            assert cmd[0] == "python"
+            if cmd[1] == "validate_NC.py":
+                v = args_module.validate_parser().parse_args(cmd[2:])
+                assert v.batch_size == 1024 and os.path.dirname(v.load_path) == root
+                validated.append(os.path.basename(v.load_path))
+                continue
+            assert cmd[1] in ("train_1st_order.py", "train_2nd_order.py")
+            a = args_module.train_parser("LBFGS" if cmd[1] == "train_2nd_order.py" else "SGD").parse_args(cmd[2:])
+            assert (a.optimizer == "LBFGS") == (cmd[1] == "train_2nd_order.py")
+            for key, value in expected_from_uid(a.uid).items():
+                assert getattr(a, key) == value, (a.uid, key)
+            assert a.lr == LR[a.dataset, a.optimizer]
+            assert (a.epochs, a.weight_decay, a.seed, a.patience, a.gamma) == (200, 5e-4, 6, 40, 0.1)
+            assert a.save_dir == root and not a.resume
+            if a.optimizer == "LBFGS":
+                assert a.history_size == 10 and a.batch_size == 512
+            trained.append(a.uid)
+        assert trained == validated == list(module.RUNS.values())
+        last = cmds[-1]
+        assert last[:2] == ["python", f"{module.__name__}.py"]
+        assert last[2:] == ([] if root == "model_weights" else ["--root", root])
+
+
+def test_runbook_all_lists_each_run_once(capsys):
+    cmds, lines = commands(["--figure", "all"], capsys)
+    uids = [c[c.index("--uid") + 1] for c in cmds if "--uid" in c]
+    every = {name for module in FIGURE_SCRIPTS.values() for name in module.RUNS.values()}
+    assert sorted(uids) == sorted(every)
+    assert len(every) == 3 + 4 + 4 + 5 + 3  # etf's learned d=10 is dk's d=10; M=1,k=1 is in both rescaled figures
+    assert [c[1] for c in cmds if c[1].startswith("plot_")] == [f"{m.__name__}.py" for m in FIGURE_SCRIPTS.values()]
+
+
+def test_runbook_skips_complete_and_resumes_partial(tmp_path, capsys):
+    root = tmp_path / "runs"
+    sgd, adam, lbfgs = plot_optim_mse.RUNS.values()
+    write_run(root, sgd, epochs=200)  # complete
+    write_run(root, adam, epochs=30)  # validated part-way, training stopped at 30
+    (root / adam / "args.json").write_text("{}")
+    os.makedirs(root / lbfgs)
+    (root / lbfgs / "args.json").write_text("{}")
+    (root / lbfgs / "epoch_200.pth").write_bytes(b"")  # trained, not validated
+    cmds, lines = commands(["--figure", "optim", "--root", str(root), "--gpu_id", "1"], capsys)
+    assert any(line.startswith("#") and sgd in line and "skipped" in line for line in lines)
+    assert not any(sgd in " ".join(c) for c in cmds)
+    adam_train = [c for c in cmds if c[1] == "train_1st_order.py"]
+    assert len(adam_train) == 1 and adam_train[0][adam_train[0].index("--uid") + 1] == adam
+    a = args_module.train_parser().parse_args(adam_train[0][2:])
+    assert a.resume and a.gpu_id == 1
+    assert not any(c[1] == "train_2nd_order.py" for c in cmds)
+    validated = [os.path.basename(c[c.index("--load_path") + 1]) for c in cmds if c[1] == "validate_NC.py"]
+    assert validated == [adam, lbfgs]
+
+
+def test_runbook_smoke_epochs(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, plot_k_rmse.RUNS[r"$\alpha=5$"], epochs=2)  # complete for a 2-epoch smoke test
+    cmds, _ = commands(["--figure", "k", "--root", str(root), "--epochs", "2"], capsys)
+    train = [args_module.train_parser().parse_args(c[2:]) for c in cmds if c[1] == "train_1st_order.py"]
+    valid = [args_module.validate_parser().parse_args(c[2:]) for c in cmds if c[1] == "validate_NC.py"]
+    assert len(train) == len(valid) == 3 and all(a.epochs == 2 for a in train + valid)
+    # the same run is not complete for the full 200 epochs: it is listed again
+    cmds, _ = commands(["--figure", "k", "--root", str(root)], capsys)
+    assert sum(c[1] == "train_1st_order.py" for c in cmds) == 4
+
+
+def test_runbook_run_stops_at_first_failure(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    class Done:
+        def __init__(self, code):
+            self.returncode = code
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return Done(1 if len(calls) == 3 else 0)
+
+    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+    with pytest.raises(SystemExit) as e:
+        run_main(experiments.main, ["--figure", "etf", "--root", str(tmp_path), "--run"])
+    assert e.value.code == 2 and len(calls) == 3
+    assert os.path.basename(calls[0][1]) == "train_1st_order.py" and os.path.basename(calls[1][1]) == "validate_NC.py"
+    err = capsys.readouterr().err
+    assert err.startswith("error: stopped") and err.count("\n") == 1
