@@ -31,6 +31,20 @@ def positive_int(text):
     return value
 
 
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def seed_int(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
 def nonnegative_float(text):
     value = float(text)
     if not value >= 0:  # also rejects nan
@@ -56,7 +70,7 @@ def add_model_args(parser):
                    help="no bias in the last layer (then the optimum is an orthogonal frame)")
     g.add_argument("--ETF_fc", "--ETF", dest="ETF_fc", action="store_true",
                    help="freeze the classifier as a simplex ETF (needs feature dimension >= classes)")
-    g.add_argument("--fixdim", type=int, default=0,
+    g.add_argument("--fixdim", type=nonnegative_int, default=0,
                    help="feature dimension d of ResNets (0: the architecture's own, 512 for ResNet-18)")
     g.add_argument("--SOTA", action="store_true",
                    help="CIFAR-style ResNet stem (3x3 conv, no max-pool) and crop/flip augmentation")
@@ -72,7 +86,7 @@ def add_data_args(parser, batch_size):
     g.add_argument("--loader", default="auto", choices=LOADERS,
                    help="device: whole data set on the device as uint8, batched augmentation; "
                         "torch: torchvision transforms in a DataLoader; auto: device when it fits")
-    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers of the torch loader")
+    g.add_argument("--num_workers", type=nonnegative_int, default=4, help="DataLoader workers of the torch loader")
 
 
 def train_parser(default_optimizer="SGD", description=None):
@@ -85,12 +99,12 @@ def train_parser(default_optimizer="SGD", description=None):
     g.add_argument("--save_dir", default="model_weights", help="folder that holds the run directories")
     g.add_argument("--force", action="store_true", help="start over in an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue the run --uid from its last complete epoch")
-    g.add_argument("--seed", type=int, default=6)
+    g.add_argument("--seed", type=seed_int, default=6)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=200)
     g.add_argument("--loss", default="MSE", choices=LOSSES)
-    g.add_argument("--M", type=float, default=1.0, help="RescaledMSE: target value of the true class")
-    g.add_argument("--k", type=float, default=1.0, help="RescaledMSE: weight of the true class (alpha in the paper)")
+    g.add_argument("--M", type=positive_float, default=1.0, help="RescaledMSE: target value of the true class")
+    g.add_argument("--k", type=positive_float, default=1.0, help="RescaledMSE: weight of the true class (alpha in the paper)")
     g.add_argument("--sample_size", type=positive_int, default=None, help="training images per class (default: all)")
     g.add_argument("--optimizer", default=default_optimizer, choices=FIRST_ORDER + SECOND_ORDER,
                    help="SGD and Adam run in train_1st_order.py, LBFGS in train_2nd_order.py")

@@ -49,6 +49,8 @@ class ImageData:
 # ---------------------------------------------------------------------------- reading from disk
 
 class _CIFAR10(torchvision.datasets.CIFAR10):
+    meta = dict(torchvision.datasets.CIFAR10.meta, md5=None)  # see _check_integrity
+
     def _check_integrity(self):
         # torchvision's checksums would reject the small copies that tests write in the same
         # format; a truncated file still fails when it is unpickled or reshaped.
@@ -64,7 +66,7 @@ MINI_IMAGENET_FILES = [f"mini-imagenet-cache-{s}.pkl" for s in ("train", "val", 
 
 
 def _short(e):
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def _torchvision_splits(cls, name, root, files):
@@ -160,6 +162,10 @@ def load_mini_imagenet(root):
             raise UserError(f"{os.path.join(folder, name)} is truncated or not a mini-ImageNet cache "
                             f"({_short(e)}): replace it")
     per_class = MINI_IMAGENET_TRAIN_PER_CLASS
+    short = [i for i, x in enumerate(images) if len(x) <= per_class]
+    if short:
+        raise UserError(f"mini-ImageNet caches in {folder} have classes with {per_class} images or fewer "
+                        f"(class {short[0]}: {len(images[short[0]])}); the split needs 600 per class: replace them")
     return (np.concatenate([x[:per_class] for x in images]), np.concatenate([y[:per_class] for y in labels]),
             np.concatenate([x[per_class:] for x in images]), np.concatenate([y[per_class:] for y in labels]))
 
@@ -215,13 +221,14 @@ def torchvision_transform(data, train):
     return T.Compose(steps + [T.ToTensor(), T.Normalize(data.mean, data.std)])
 
 
-def torch_loader(data, train, batch_size, shuffle, num_workers=4, generator=None, augment=None):
+def torch_loader(data, train, batch_size, shuffle, num_workers=4, generator=None, augment=None, drop_last=False):
     images, labels = (data.train_images, data.train_labels) if train else (data.test_images, data.test_labels)
     transform = torchvision_transform(data, train and augment is not False)
+    # Workers are not kept between epochs: fresh ones draw their seeds from `generator`, so a
+    # resumed run augments exactly as an uninterrupted one.
     return torch.utils.data.DataLoader(ArrayDataset(images, labels, transform), batch_size=batch_size,
                                        shuffle=shuffle, num_workers=num_workers, generator=generator,
-                                       pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0)
+                                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
 
 def make_dataset(dataset_name, data_dir, batch_size, sample_size=None, SOTA=False, num_workers=4):
@@ -256,21 +263,22 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, device, shuffle=False, augment=False,
-                 generator=None, channels_last=False):
+                 generator=None, channels_last=False, drop_last=False):
         self.images = torch.as_tensor(images).to(device)  # (N, H, W, 3) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)  # (N,)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator = generator if generator is not None else torch.Generator(device)
-        self.channels_last = channels_last
+        self.channels_last, self.drop_last = channels_last, drop_last
 
     @property
     def num_samples(self):
         return len(self.labels)
 
     def __len__(self):
-        return math.ceil(self.num_samples / self.batch_size)
+        return (self.num_samples // self.batch_size if self.drop_last else
+                math.ceil(self.num_samples / self.batch_size))
 
     def normalize(self, x):
         x = x.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)  # NHWC memory
@@ -279,7 +287,7 @@ class DeviceLoader:
     def __iter__(self):
         n, device = self.num_samples, self.labels.device
         order = torch.randperm(n, device=device, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
             x = self.images[idx]
             if self.augment:
@@ -300,16 +308,18 @@ def fits_on_device(data, device):
 
 
 def make_loaders(data, batch_size, device, loader="auto", train=True, seed=0, num_workers=4, channels_last=False):
-    """(train_loader, test_loader). train=True: shuffled and augmented as the run asks; else the
-    training set in order without augmentation, as NC is measured."""
+    """(train_loader, test_loader). train=True: shuffled and augmented as the run asks, and a last
+    batch of a single image dropped (BatchNorm cannot normalise one sample); else the training set
+    in order without augmentation, as NC is measured."""
     use_device = loader == "device" or (loader == "auto" and fits_on_device(data, device))
+    drop_last = train and len(data.train_labels) % batch_size == 1
     if use_device:
         generator = torch.Generator(device).manual_seed(seed)
         kw = dict(batch_size=batch_size, mean=data.mean, std=data.std, device=device, channels_last=channels_last)
         return (DeviceLoader(data.train_images, data.train_labels, shuffle=train, augment=train and data.augment,
-                             generator=generator, **kw),
+                             generator=generator, drop_last=drop_last, **kw),
                 DeviceLoader(data.test_images, data.test_labels, **kw))
     generator = torch.Generator().manual_seed(seed)
     return (torch_loader(data, True, batch_size, shuffle=train, num_workers=num_workers, generator=generator,
-                         augment=train),
+                         augment=train, drop_last=drop_last),
             torch_loader(data, False, batch_size, shuffle=False, num_workers=num_workers))

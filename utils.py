@@ -151,7 +151,7 @@ def make_criterion(args, num_classes):
 
 def sep_decay_penalty(model, h, weight_decay, feature_decay_rate):
     """--sep_decay: (wd/2)(||W||^2 + ||b||^2) + (feature_decay_rate/2) sum_i ||h_i||^2 over the batch."""
-    penalty = sum(p.pow(2).sum() for p in model.fc.parameters() if p.requires_grad)
+    penalty = sum(p.pow(2).sum() for p in model.fc.parameters())  # a frozen ETF adds a constant
     return 0.5 * weight_decay * penalty + 0.5 * feature_decay_rate * h.float().pow(2).sum()
 
 
@@ -174,6 +174,9 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
         _fault_point("before_rename")
         os.replace(tmp, path)
     except BaseException:

@@ -40,16 +40,6 @@ def tiny_argv(tmp_path):
 
 
 @pytest.fixture
-def cifar_meta_md5_ignored(monkeypatch):
-    """Let the fake batches.meta through torchvision's md5 check (see test_data.py: the loader
-    skips the checksums of the data batches but not that of batches.meta). Harmless once fixed."""
-    import datasets
-    import torchvision
-    meta = dict(torchvision.datasets.CIFAR10.meta, md5=None)
-    monkeypatch.setattr(datasets._CIFAR10, "meta", meta, raising=False)
-
-
-@pytest.fixture
 def fake_mnist(tmp_path):
     """(data_dir, arrays): 3 training and 2 test images per class in torchvision's raw MNIST files."""
     root = tmp_path / "mnist_data"
