@@ -25,14 +25,19 @@ import models
 from nc import topk_hits
 from args import explicit_args
 from utils import (Log, UserError, get_device, load_json, make_criterion, make_optimizer, make_scheduler,
-                   parse_decay_type, rng_state, save_json, save_torch, sep_decay_penalty, set_rng_state, set_seed)
+                   parse_decay_type, rng_state, save_json, save_torch, sep_decay_penalty, set_rng_state, set_seed,
+                   fault_point)
 
 ARGS_FILE, LOG_FILE, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
 # Options that may differ from the recorded ones when resuming: they do not change the numbers.
-RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "resume", "force", "epochs"}
+# --save_dir and --uid only say where the run is (it may have been moved or renamed).
+RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "resume", "force", "epochs", "save_dir", "uid"}
+# What a training process killed mid-save leaves behind: the temporary files of utils.atomic_write.
+STALE_FILES = (".tmp_epoch_*.pth.*", f".tmp_{LAST}.*", f".tmp_{ARGS_FILE}.*")
 # Files of a run that --force removes before starting over.
-RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS_FILE, LOG_FILE, "info.pkl", "test_log.txt", "nc_results/*.pkl")
+RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS_FILE, LOG_FILE, "info.pkl", "test_log.txt", "nc_results/*.pkl",
+             *STALE_FILES)
 
 
 def checkpoint_path(run_dir, epoch):
@@ -51,6 +56,7 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device):
     n = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=None)  # None: TTY only
     for i, (x, y) in enumerate(bar):
+        fault_point(f"batch:{epoch}:{i + 1}")  # tests: NC_FAULT=batch:E:B kills the run mid-epoch here
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, logits = step(optimizer, objective, x, y)
         sums += torch.cat([(loss.double() * len(y)).view(1), topk_hits(logits, y)])
@@ -118,6 +124,21 @@ def make_objective(args, model, criterion):
     return objective
 
 
+def build_on_device(args, num_classes, device):
+    """(model, channels_last): the network the arguments describe, on `device`. On a GPU a
+    convolutional model is kept channels_last, the layout its convolutions run fastest in, and
+    cuDNN picks its fastest algorithms."""
+    try:
+        model = models.build_model(args, num_classes).to(device)
+    except ValueError as e:  # e.g. --ETF_fc with a feature dimension below the number of classes
+        raise UserError(str(e))
+    channels_last = device.type == "cuda" and args.model != "MLP"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return model, channels_last
+
+
 # ---------------------------------------------------------------------------- run directories
 
 def recorded_args(run_dir):
@@ -130,7 +151,8 @@ def check_run_dir(args, given):
     options typed on the command line. Returns the arguments to train with (on --resume, the
     recorded ones)."""
     run_dir = os.path.join(args.save_dir, args.uid)
-    exists = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
+    # A run killed while writing args.json leaves only a temporary file: that is no run yet.
+    exists = os.path.isdir(run_dir) and any(not name.startswith(".tmp_") for name in os.listdir(run_dir))
     if args.resume:
         recorded = recorded_args(run_dir)
         if recorded is None:
@@ -140,6 +162,10 @@ def check_run_dir(args, given):
         if clash:
             raise UserError(f"--resume with arguments that differ from the run's: {', '.join(clash)}; "
                             "drop them to continue the run as it was, or start a new --uid")
+        if given.get("epochs", recorded["epochs"]) != recorded["epochs"] and recorded["decay_type"] == "cosine":
+            # the schedule (and the scheduler state in last.pth) is laid out over the recorded epochs
+            raise UserError(f"--resume with --epochs {given['epochs']}: this run's cosine schedule spans its "
+                            f"recorded {recorded['epochs']} epochs; drop --epochs, or start a new --uid")
         merged = dict(recorded, **{k: v for k, v in vars(args).items() if k in RESUME_MAY_CHANGE})
         merged["epochs"] = given.get("epochs", recorded["epochs"])
         return type(args)(**merged)
@@ -149,8 +175,8 @@ def check_run_dir(args, given):
     return args
 
 
-def clear_run_dir(run_dir):
-    for pattern in RUN_FILES:
+def clear_run_dir(run_dir, patterns=RUN_FILES):
+    for pattern in patterns:
         for path in glob.glob(os.path.join(run_dir, pattern)):
             os.remove(path)
 
@@ -165,6 +191,10 @@ def load_resume_state(run_dir):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
             torch.load(checkpoint_path(run_dir, state["epoch"]), map_location="cpu", weights_only=True)
+            if name == PREVIOUS:
+                # The unusable last.pth would otherwise become previous.pth at the next save, leaving
+                # no usable state at all should the run be killed before last.pth is written again.
+                os.replace(path, os.path.join(run_dir, LAST))
             return state
         except Exception as e:
             if os.path.exists(path):
@@ -198,15 +228,7 @@ def main(args, make_step, optimizers, given=()):
 
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
-    try:
-        model = models.build_model(args, data.num_classes).to(device)
-    except ValueError as e:
-        raise UserError(str(e))
-    channels_last = device.type == "cuda" and args.model != "MLP"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    model, channels_last = build_on_device(args, data.num_classes, device)
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(args, optimizer)
     objective = make_objective(args, model, make_criterion(args, data.num_classes))
@@ -216,6 +238,10 @@ def main(args, make_step, optimizers, given=()):
 
     start = 0
     if args.resume:
+        clear_run_dir(run_dir, STALE_FILES)
+        recorded = recorded_args(run_dir)
+        if recorded["epochs"] != args.epochs:  # a later plain --resume continues to the new end
+            save_json(dict(recorded, epochs=args.epochs), os.path.join(run_dir, ARGS_FILE))
         state = load_resume_state(run_dir)
         if state is not None:
             model.load_state_dict(state["model"])

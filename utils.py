@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import sys
 import tempfile
 
@@ -177,7 +178,7 @@ def atomic_write(path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
-        _fault_point("before_rename")
+        fault_point("before_rename")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -185,10 +186,22 @@ def atomic_write(path, write):
         raise
 
 
-def _fault_point(name):
-    """Tests set NC_FAULT=<name> to kill the process right here (simulating a crash mid-save)."""
-    if os.environ.get("NC_FAULT") == name:
-        os.kill(os.getpid(), 9)
+_fault_hits = {}  # fault point -> times this process has reached it
+
+
+def fault_point(name):
+    """Tests set NC_FAULT=<name> to kill the process (SIGKILL) the first time it gets here, or
+    NC_FAULT=<name>@<n> to kill it the n-th time (e.g. before_rename@3: right before the third
+    file of this process is renamed into place), simulating a crash at that very instant.
+    The points: before_rename (utils.atomic_write), batch:<epoch>:<batch> (training, 1-based)."""
+    fault = os.environ.get("NC_FAULT")
+    if not fault:
+        return
+    point, _, nth = fault.partition("@")
+    if point == name:
+        _fault_hits[name] = _fault_hits.get(name, 0) + 1
+        if _fault_hits[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_torch(obj, path):

@@ -23,8 +23,8 @@ import datasets
 import models
 import nc
 from args import MODEL_FLAGS, explicit_args, validate_parser
-from training import ARGS_FILE
-from utils import UserError, get_device, load_json, run_main, save_pickle
+from training import ARGS_FILE, build_on_device
+from utils import UserError, atomic_write, get_device, load_json, run_main, save_pickle
 
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
 RESULTS_DIR = "nc_results"
@@ -168,14 +168,7 @@ def main(argv=None):
 
     device = get_device(args.gpu_id, args.device)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
-    try:
-        model = models.build_model(args, data.num_classes).to(device)
-    except ValueError as e:
-        raise UserError(str(e))
-    channels_last = device.type == "cuda" and args.model != "MLP"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+    model, channels_last = build_on_device(args, data.num_classes, device)
     train_loader, test_loader = datasets.make_loaders(data, args.batch_size, device, args.loader, train=False,
                                                       num_workers=args.num_workers, channels_last=channels_last)
 
@@ -186,12 +179,14 @@ def main(argv=None):
         cache = os.path.join(results_dir, f"epoch_{epoch:03d}.pkl")
         result = cached_result(cache, path)
         if result is None:
+            # stat before loading: should training replace the file in between, the result is
+            # keyed to the old file and is computed again on the next run, never wrongly reused
+            st = os.stat(path)
             reason = load_checkpoint(model, path, device)
             if reason is not None:
                 warnings.warn(f"skipping {path}: {reason}")
                 skipped.append(path)
                 continue
-            st = os.stat(path)
             result = evaluate(model, train_loader, test_loader, data.num_classes)
             save_pickle({"checkpoint": (st.st_size, st.st_mtime_ns), "result": result}, cache)
             computed += 1
@@ -204,10 +199,9 @@ def main(argv=None):
     info = {key: [results[e][key] for e in epochs] for key in INFO_KEYS}
     info["epochs"] = epochs
     save_pickle(info, os.path.join(run_dir, "info.pkl"))
-    log_path = os.path.join(run_dir, "test_log.txt")
-    with open(log_path, "w") as f:
-        for e in epochs:
-            f.write(format_line(e, results[e]) + "\n")
+    # written whole and renamed into place, as info.pkl is, so that a kill never leaves half of it
+    lines = "".join(format_line(e, results[e]) + "\n" for e in epochs)
+    atomic_write(os.path.join(run_dir, "test_log.txt"), lambda f: f.write(lines.encode()))
     print(f"validated {len(epochs)} checkpoints ({computed} computed, {len(epochs) - computed} reused, "
           f"{len(skipped)} skipped) in {time.time() - t0:.1f} s; wrote {run_dir}/info.pkl")
     print("last " + format_line(epochs[-1], results[epochs[-1]]))

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
@@ -46,17 +45,6 @@ def get_args(argv=None):
     p.add_argument("--cuda_graph", action="store_true", help="(b) replays each step as one CUDA graph")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
-
-
-class AuthorsDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
 def get_data(args):
@@ -128,7 +116,7 @@ def main(argv=None):
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     # (a) the authors' pipeline
     margs, model = build(args, device)
-    loader = torch.utils.data.DataLoader(AuthorsDataset(raw, labels, transform), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(datasets.ArrayDataset(raw, labels, transform), batch_size=args.batch_size,
                                          shuffle=True, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
-import models  # noqa: E402
+from training import build_on_device  # noqa: E402
 from validate_NC import TrainingSetMetrics, last_layer  # noqa: E402
 
 
@@ -55,8 +55,8 @@ def get_data(args):
         images = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         return images, labels, datasets.CIFAR10_STATS, args.num_classes
     data = datasets.load_data(args.dataset, args.data_dir)
-    n = args.num_samples or len(data.train_labels)
-    return data.train_images[:n], data.train_labels[:n], (data.mean, data.std), data.num_classes
+    keep = datasets.first_per_class(data.train_labels, (args.num_samples or len(data.train_labels)) // data.num_classes)
+    return data.train_images[keep], data.train_labels[keep], (data.mean, data.std), data.num_classes
 
 
 def sync(device):
@@ -183,13 +183,10 @@ def main(argv=None):
     images, labels, (mean, std), K = get_data(args)
     margs = argparse.Namespace(model=args.model, width=args.width, depth=args.depth, bias=True, ETF_fc=False,
                                fixdim=0, SOTA=args.SOTA)
-    model = models.build_model(margs, K).to(device).eval()
+    model, channels_last = build_on_device(margs, K, device)
+    model.eval()
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, map_location=device))
-    channels_last = device.type == "cuda" and args.model != "MLP"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
     W, b = (t.detach() for t in last_layer(model))
     print(f"{args.model}{' --SOTA' if args.SOTA else ''} on {len(labels)} {args.dataset} images, "
           f"d = {W.shape[1]}, K = {K}, batch {args.batch_size}, {device}")

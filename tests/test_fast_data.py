@@ -1,0 +1,132 @@
+"""The device-resident data path gives what torchvision's transforms give, and trains the same."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import torchvision.transforms as T
+
+import datasets
+import models
+import training
+from train_1st_order import first_order_step
+from utils import make_criterion, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def device_batches(data, batch_size=7):
+    loader = datasets.DeviceLoader(data.train_images, data.train_labels, batch_size, data.mean, data.std, CPU)
+    return torch.cat([x for x, _ in loader]), torch.cat([y for _, y in loader])
+
+
+def test_mnist_batches_equal_torchvisions_own_pipeline(fake_mnist):
+    root, _ = fake_mnist
+    data = datasets.load_data("mnist", root)
+    x, y = device_batches(data)
+    # The authors' pipeline, literally: torchvision's MNIST with Grayscale(3), Resize(32), ToTensor, Normalize.
+    reference = torchvision.datasets.MNIST(root, train=True, transform=T.Compose(
+        [T.Grayscale(3), T.Resize(32), T.ToTensor(), T.Normalize(0.1307, 0.3081)]))
+    for i in range(len(reference)):
+        image, label = reference[i]
+        torch.testing.assert_close(x[i], image, atol=1e-6, rtol=0)
+        assert y[i].item() == label
+
+
+def test_cifar10_batches_equal_torchvisions_transforms(fake_cifar10):
+    root, _ = fake_cifar10
+    data = datasets.load_data("cifar10", root)
+    x, y = device_batches(data)
+    transform = T.Compose([T.ToTensor(), T.Normalize(datasets.CIFAR10_STATS[0], datasets.CIFAR10_STATS[1])])
+    for i in range(len(data.train_labels)):
+        expected = transform(data.train_images[i])
+        torch.testing.assert_close(x[i], expected, atol=1e-6, rtol=0)
+    assert torch.equal(y, torch.as_tensor(data.train_labels))
+
+
+def test_the_two_loaders_give_the_same_test_batches():
+    data = datasets.load_data("mnist_sample")
+    fast, slow = (datasets.make_loaders(data, 64, CPU, kind, train=False, num_workers=0)[1] for kind in ("device", "torch"))
+    for (xa, ya), (xb, yb) in zip(fast, slow):
+        torch.testing.assert_close(xa, xb, atol=1e-6, rtol=0)
+        assert torch.equal(ya, yb)
+
+
+def crops_of(image, padding):
+    """Every crop (and its mirror) that RandomCrop(padding) + RandomHorizontalFlip can make of one image."""
+    H, W, C = image.shape
+    padded = np.zeros((H + 2 * padding, W + 2 * padding, C), dtype=image.dtype)
+    padded[padding:padding + H, padding:padding + W] = image
+    for dy in range(2 * padding + 1):
+        for dx in range(2 * padding + 1):
+            crop = padded[dy:dy + H, dx:dx + W]
+            yield (dy, dx, False), crop
+            yield (dy, dx, True), crop[:, ::-1]
+
+
+def test_random_crops_lie_inside_the_padded_image_and_flip_about_half_the_time():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (300, 12, 12, 3), dtype=np.uint8)  # no zeros: padding is recognisable
+    out = datasets.random_crop_flip(torch.from_numpy(images), 4, torch.Generator().manual_seed(0)).numpy()
+    flips, offsets = 0, set()
+    for image, crop in zip(images, out):
+        matches = [key for key, candidate in crops_of(image, 4) if np.array_equal(candidate, crop)]
+        assert matches, "a crop that RandomCrop(padding=4) + flip cannot produce"
+        flips += matches[0][2]
+        offsets.add(matches[0][:2])
+    assert 0.4 < flips / len(images) < 0.6
+    assert len(offsets) > 60  # of the 81 offsets: all of them are drawn, not a few
+
+
+def test_two_epochs_see_different_crops():
+    data = datasets.load_data("mnist_sample", sample_size=20)
+    loader = datasets.DeviceLoader(data.train_images, data.train_labels, 50, data.mean, data.std, CPU,
+                                   shuffle=False, augment=True, generator=torch.Generator().manual_seed(0))
+    first, second = (torch.cat([x for x, _ in loader]) for _ in range(2))
+    assert first.shape == second.shape and not torch.equal(first, second)
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    args = type("Args", (), dict(optimizer="SGD", lr=0.05, weight_decay=5e-4, sep_decay=False, loss="MSE",
+                                 amp="none", compile=False))()
+    model = models.MLP(hidden=32, depth=1, num_classes=10)
+    return model, make_optimizer(args, model), training.make_objective(args, model, make_criterion(args, 10))
+
+
+def test_sgd_gives_the_same_losses_through_both_paths():
+    data = datasets.load_data("mnist_sample", sample_size=40)
+    losses = []
+    for kind in ("device", "torch"):
+        model, optimizer, objective = tiny_setup()
+        loader, _ = datasets.make_loaders(data, 50, CPU, kind, train=False, num_workers=0)  # fixed order
+        model.train()
+        losses.append([first_order_step(optimizer, objective, x, y)[0].item() for x, y in loader])
+    assert len(losses[0]) == 8
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_bf16_autocast_run_finishes(tiny_argv):
+    import train_1st_order
+    run_dir = train_1st_order.main(tiny_argv("bf16", "--amp", "bf16", "--epochs", "1"))
+    state = torch.load(f"{run_dir}/epoch_001.pth")
+    assert all(t.dtype != torch.bfloat16 for t in state.values())  # the weights stay fp32
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler, and none is on PATH")
+def test_compiled_run_finishes(tiny_argv):
+    import train_1st_order
+    run_dir = train_1st_order.main(tiny_argv("compiled", "--compile", "--epochs", "1"))
+    state = torch.load(f"{run_dir}/epoch_001.pth")
+    assert not any(k.startswith("_orig_mod") for k in state)  # the plain model's names, loadable anywhere
+    models.MLP(hidden=32, depth=1, num_classes=10).load_state_dict(state)
+
+
+def test_cuda_graph_needs_a_gpu(tiny_argv, capsys):
+    import train_1st_order
+    from utils import run_main
+    with pytest.raises(SystemExit):
+        run_main(train_1st_order.main, tiny_argv("graph", "--cuda_graph", "--device", "cpu"))
+    assert "--cuda_graph needs a CUDA device" in capsys.readouterr().err

@@ -1,0 +1,433 @@
+"""Runs that survive being killed, diverging and bad input.
+
+Atomic writes, --resume from the last complete epoch, a clean stop on a non-finite loss and a
+resumable validate_NC.py. Killed runs are subprocesses that SIGKILL themselves at a fault point
+(NC_FAULT, see utils.fault_point); they are all started at once by one module fixture, because
+each pays the torch import. Uninterrupted references and the resumes run in this process.
+"Bitwise" means torch.equal on every tensor of every epoch_NNN.pth (and of last.pth).
+"""
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fake_data
+import train_1st_order
+import train_2nd_order
+import training
+import utils
+import validate_NC
+from conftest import REPO
+
+EPOCHS = 4
+BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
+RUN = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "20",
+       "--batch_size", "32", "--device", "cpu", "--num_workers", "0"]
+# Fake CIFAR-10 (20 images per class) with --SOTA crop/flip augmentation, which draws random numbers
+# every batch: from the global torch generator in the DataLoader path (--loader torch, no workers),
+# from the loader's own generator in the device path. CIFAR10_DIR is filled in by the `runs` fixture.
+CIFAR10_DIR = "<cifar10 data>"
+AUGMENTED = ["--lr", "0.05", "--dataset", "cifar10", "--data_dir", CIFAR10_DIR, "--SOTA"]
+# The kinds of run: (script, its main, the flags added to RUN).
+KINDS = {
+    "sgd": ("train_1st_order.py", train_1st_order.main, ["--lr", "0.05"]),
+    "lbfgs": ("train_2nd_order.py", train_2nd_order.main, ["--history_size", "5"]),
+    "torch": ("train_1st_order.py", train_1st_order.main, AUGMENTED + ["--loader", "torch"]),
+    "augmented": ("train_1st_order.py", train_1st_order.main, AUGMENTED + ["--loader", "device"]),
+}
+data_dirs = {}  # CIFAR10_DIR -> the folder the fixture wrote
+# Renames of a fresh run (the NC_FAULT=before_rename@n count): 1 args.json, then per epoch e
+# 2e epoch_00e.pth and 2e+1 last.pth. A resumed run starts counting at its first checkpoint.
+KILLS = {
+    # name: (kind, the NC_FAULT of each killed process in turn (the 2nd and later run with --resume),
+    #        the epochs whose checkpoints are complete after the kills, where each later resume starts)
+    "first_batch": ("sgd", ["batch:1:1"], 0, [0]),
+    "mid_epoch": ("sgd", ["batch:3:2"], 2, [2]),
+    "last_batch": ("sgd", [f"batch:{EPOCHS}:{BATCHES}"], 3, [3]),
+    "saving_checkpoint": ("sgd", ["before_rename@6"], 2, [2]),  # epoch_003.pth
+    "saving_state": ("sgd", ["before_rename@7"], 3, [2]),  # last.pth after epoch_003.pth landed
+    "saving_final_state": ("sgd", [f"before_rename@{2 * EPOCHS + 1}"], 4, [3]),
+    "killed_twice": ("sgd", ["before_rename@4", "batch:3:3"], 2, [1, 2]),  # mid-save, then mid-epoch on resume
+    "lbfgs_mid_epoch": ("lbfgs", ["batch:2:4"], 1, [1]),
+    "torch_loader_mid_epoch": ("torch", ["batch:3:5"], 2, [2]),
+    "augmented_mid_epoch": ("augmented", ["batch:2:6"], 1, [1]),
+}
+# A learning rate that becomes 0.05 * 1e30 after epoch 2: the first step of epoch 3 throws the
+# weights to ~1e25, so the loss of its second batch overflows, whatever the data and the numerics.
+DIVERGING = ["--lr", "0.05", "--decay_type", "step_2", "--gamma", "1e30"]
+
+
+def argv(kind, save_dir, uid, *extra):
+    """The command line of a run; a resume names no --epochs unless `extra` does (it continues as recorded)."""
+    extra = [str(e) for e in extra]
+    epochs = [] if "--resume" in extra else ["--epochs", str(EPOCHS)]
+    flags = [data_dirs.get(f, f) for f in KINDS[kind][2]]
+    return RUN + flags + epochs + ["--save_dir", str(save_dir), "--uid", uid] + extra
+
+
+def spawn(script, args, log, fault=None):
+    """Start a script; its output goes to the file `log` (a pipe nobody reads could fill and stall it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same sums as this process (one thread, below)
+    env.pop("NC_FAULT", None)
+    if fault:
+        env["NC_FAULT"] = fault
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, script] + args, cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def finish(proc):
+    """(exit status, output) of a process; a run killed by NC_FAULT has status -9 (SIGKILL)."""
+    proc.wait(timeout=300)
+    with open(proc.log) as f:
+        return proc.returncode, f.read()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses have (OMP_NUM_THREADS=1): the same sums, bit for bit."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every killed run, make the uninterrupted references meanwhile, and wait.
+
+    Returns a dict: 'ref' {kind: run dir} (plus 'sgd6': 6 epochs), 'ref_info' (info.pkl and
+    test_log.txt of an uninterrupted validation of ref['sgd']), 'killed' {name: (save_dir, [(rc, output)])},
+    'saving_args', 'diverging' and 'validation': (directory, rc, output).
+    """
+    root = tmp_path_factory.mktemp("resume")
+    fake_data.write_cifar10(str(root / "cifar10"), per_class_per_batch=4)
+    data_dirs[CIFAR10_DIR] = str(root / "cifar10")
+    killed, procs, logs = {}, {}, root / "logs"
+    logs.mkdir()
+    for name, (kind, faults, _, _) in KILLS.items():
+        killed[name] = (root / "killed", [])
+        procs[name] = spawn(KINDS[kind][0], argv(kind, root / "killed", name), logs / f"{name}.0", faults[0])
+    procs["saving_args"] = spawn("train_1st_order.py", argv("sgd", root / "killed", "saving_args"),
+                                 logs / "saving_args", "before_rename@1")
+    procs["diverging"] = spawn("train_1st_order.py", argv("sgd", root / "killed", "diverging", *DIVERGING),
+                               logs / "diverging")
+
+    ref = {kind: Path(KINDS[kind][1](argv(kind, root / "ref", kind))) for kind in KINDS}
+    validation = shutil.copytree(ref["sgd"], root / "validation")
+    procs["validation"] = spawn("validate_NC.py", ["--load_path", str(validation), "--device", "cpu"],
+                                logs / "validation", "before_rename@3")  # at nc_results/epoch_003.pkl
+    ref["sgd6"] = Path(train_1st_order.main(argv("sgd", root / "ref", "sgd6", "--epochs", 6)))
+    validated = shutil.copytree(ref["sgd"], root / "validated")
+    validate_NC.main(["--load_path", str(validated), "--device", "cpu"])
+    ref_info = (load_pickle(validated / "info.pkl"), (validated / "test_log.txt").read_text())
+
+    pending = dict(procs)
+    while pending:  # a killed run with more faults is resumed (and killed again) as soon as it dies
+        for name, proc in list(pending.items()):
+            if proc.poll() is None:
+                continue
+            del pending[name]
+            if name not in KILLS:
+                continue
+            kind, faults, _, _ = KILLS[name]
+            save_dir, results = killed[name]
+            results.append(finish(proc))
+            if len(results) < len(faults):
+                pending[name] = spawn(KINDS[kind][0], argv(kind, save_dir, name, "--resume"),
+                                      logs / f"{name}.{len(results)}", faults[len(results)])
+        if pending:
+            next(iter(pending.values())).wait(timeout=300)
+    return {"ref": ref, "ref_info": ref_info, "killed": killed,
+            "saving_args": (root / "killed" / "saving_args",) + finish(procs["saving_args"]),
+            "diverging": (root / "killed" / "diverging",) + finish(procs["diverging"]),
+            "validation": (Path(validation),) + finish(procs["validation"])}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def load_pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def checkpoint_names(run_dir):
+    return sorted(n for n in os.listdir(run_dir) if validate_NC.CHECKPOINT.match(n))
+
+
+def temporary_files(run_dir):
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".tmp_*"))
+
+
+def same(a, b):
+    """Bitwise equality of nested containers of tensors, arrays and plain values (nan equals nan)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a != a:
+        return isinstance(b, float) and b != b
+    return type(a) is type(b) and a == b
+
+
+def assert_bitwise_equal_runs(run_dir, reference, epochs=EPOCHS):
+    """Every tensor of every epoch_NNN.pth is equal, and so is all of last.pth but its arguments."""
+    names = checkpoint_names(run_dir)
+    assert names == checkpoint_names(reference) == [f"epoch_{e:03d}.pth" for e in range(1, epochs + 1)]
+    for name in names:
+        ours = torch.load(os.path.join(run_dir, name), weights_only=True)
+        theirs = torch.load(os.path.join(reference, name), weights_only=True)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs from the uninterrupted run"
+    ours, theirs = (torch.load(os.path.join(d, training.LAST), weights_only=False) for d in (run_dir, reference))
+    assert ours["epoch"] == theirs["epoch"] == epochs
+    for key in ("model", "optimizer", "scheduler", "rng", "loader_rng"):
+        assert same(ours[key], theirs[key]), f"last.pth: {key} differs from the uninterrupted run"
+
+
+def assert_complete_files(run_dir):
+    """Every file of the run but the temporary ones reads back whole."""
+    for path in run_dir.rglob("*"):
+        if path.is_dir() or path.name.startswith(".tmp_"):
+            continue
+        if path.suffix == ".pth":
+            torch.load(path, weights_only=False)
+        elif path.suffix == ".pkl":
+            load_pickle(path)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
+def resumed_after(run_dir):
+    """The epoch each start of the run resumed after, from train_log.txt."""
+    return [int(e) for e in re.findall(r"^resumed after epoch (\d+)", (run_dir / training.LOG_FILE).read_text(), re.M)]
+
+
+def refused(capsys, main, args):
+    """main(args) run as the script runs it: returns its one-line error; fails unless it exits non-zero."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(main, args)
+    assert e.value.code not in (0, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
+
+
+def copy_run(reference, tmp_path, uid="copy"):
+    """A private copy of a finished run, under another --save_dir (a run may be moved and resumed there)."""
+    return Path(shutil.copytree(reference, tmp_path / "moved" / uid))
+
+
+# ---------------------------------------------------------------------------- killed and resumed
+
+@pytest.mark.parametrize("name", sorted(KILLS))
+def test_a_killed_run_resumes_to_the_same_checkpoints(runs, name):
+    kind, faults, complete, starts = KILLS[name]
+    save_dir, results = runs["killed"][name]
+    run_dir = save_dir / name
+    assert [rc for rc, _ in results] == [-9] * len(faults), [out[-2000:] for _, out in results]
+    # what the kills left: the complete epochs, whole files, and only the one write cut short
+    assert checkpoint_names(run_dir) == [f"epoch_{e:03d}.pth" for e in range(1, complete + 1)]
+    assert_complete_files(run_dir)
+    assert len(temporary_files(run_dir)) == (1 if faults[-1].startswith("before_rename") else 0)
+
+    KINDS[kind][1](argv(kind, save_dir, name, "--resume"))
+    # nothing was lost but the epoch in progress (or the one whose state was being saved)
+    assert resumed_after(run_dir) == starts
+    assert_bitwise_equal_runs(run_dir, runs["ref"][kind])
+    assert temporary_files(run_dir) == []
+    assert json.loads((run_dir / training.ARGS_FILE).read_text()) == \
+        json.loads((runs["ref"][kind] / training.ARGS_FILE).read_text()) | {"save_dir": str(save_dir), "uid": name}
+
+
+def test_a_run_killed_while_writing_its_arguments_can_be_started_again(runs, capsys):
+    run_dir, rc, out = runs["saving_args"]
+    assert rc == -9, out[-2000:]
+    assert [p.name for p in run_dir.iterdir()] == temporary_files(run_dir) and len(temporary_files(run_dir)) == 1
+    message = refused(capsys, train_1st_order.main, argv("sgd", run_dir.parent, "saving_args", "--resume"))
+    assert "no run" in message and str(run_dir) in message
+    train_1st_order.main(argv("sgd", run_dir.parent, "saving_args"))  # no --force needed: there was no run
+    assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd"])
+    assert temporary_files(run_dir) == []
+
+
+@pytest.mark.parametrize("victim", ["epoch_004.pth", "last.pth"])
+def test_a_truncated_newest_file_is_detected_and_its_epoch_redone(runs, tmp_path, capsys, victim):
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    with open(run_dir / victim, "r+b") as f:
+        f.truncate(os.path.getsize(run_dir / victim) // 2)
+    train_1st_order.main(argv("sgd", run_dir.parent, "copy", "--resume"))
+    assert resumed_after(run_dir) == [EPOCHS - 1]
+    assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd"])
+    # both states are usable again: killed now, the run would still resume
+    assert torch.load(run_dir / training.PREVIOUS, weights_only=False)["epoch"] == EPOCHS - 1
+    assert "cannot resume from" in capsys.readouterr().out  # and it said why it went back an epoch
+
+
+def test_resuming_a_finished_run_changes_nothing(runs, tmp_path, capsys):
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    files, dirs = fake_data.snapshot_tree(run_dir)
+    capsys.readouterr()
+    train_1st_order.main(argv("sgd", run_dir.parent, "copy", "--resume"))
+    assert "nothing to do" in capsys.readouterr().out
+    after, after_dirs = fake_data.snapshot_tree(run_dir)
+    assert after_dirs == dirs and after.keys() == files.keys()
+    assert {k: v for k, v in after.items() if k != training.LOG_FILE} == \
+        {k: v for k, v in files.items() if k != training.LOG_FILE}
+    assert after[training.LOG_FILE][0].startswith(files[training.LOG_FILE][0])  # one line added to the log
+
+
+def test_resume_with_more_epochs_continues_as_if_planned_from_the_start(runs, tmp_path):
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    train_1st_order.main(argv("sgd", run_dir.parent, "copy", "--resume", "--epochs", 6))
+    assert resumed_after(run_dir) == [EPOCHS]
+    assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd6"], epochs=6)
+    # the new end is recorded: a plain --resume after this goes no further than 6, and no less
+    assert json.loads((run_dir / training.ARGS_FILE).read_text())["epochs"] == 6
+
+
+def test_resume_with_more_epochs_survives_a_kill_of_the_extension(runs, tmp_path):
+    """Extending a run records the new end first, so that a plain --resume after a crash reaches it."""
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    args = argv("sgd", run_dir.parent, "copy", "--resume")
+    train_1st_order.main(args + ["--epochs", "5"])
+    os.remove(run_dir / "epoch_005.pth")  # as if epoch 5 had been cut short: its last.pth is unusable now
+    train_1st_order.main(args)
+    assert resumed_after(run_dir) == [EPOCHS, EPOCHS]
+    assert checkpoint_names(run_dir)[-1] == "epoch_005.pth"
+    ref5 = torch.load(runs["ref"]["sgd6"] / "epoch_005.pth", weights_only=True)
+    assert same(torch.load(run_dir / "epoch_005.pth", weights_only=True), ref5)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.1"], ["--lr 0.1 (recorded: 0.05)"]),
+    (["--width", "64", "--seed", "7"], ["--width 64 (recorded: 32)", "--seed 7 (recorded: 6)"]),
+    (["--optimizer", "Adam"], ["--optimizer Adam (recorded: SGD)"]),
+    (["--loader", "device"], ["--loader device (recorded: torch)"]),
+])
+def test_resume_with_differing_arguments_is_refused_naming_them(runs, tmp_path, capsys, flags, named):
+    kind = "torch" if "--loader" in flags else "sgd"
+    run_dir = copy_run(runs["ref"][kind], tmp_path)
+    before = fake_data.snapshot_tree(tmp_path)
+    message = refused(capsys, train_1st_order.main, argv(kind, run_dir.parent, "copy", "--resume") + flags)
+    assert all(n in message for n in named), message
+    assert fake_data.snapshot_tree(tmp_path) == before
+
+
+def test_resume_of_a_missing_run_says_so(tmp_path, capsys):
+    message = refused(capsys, train_1st_order.main, argv("sgd", tmp_path / "runs", "nobody", "--resume"))
+    assert "no run" in message and str(tmp_path / "runs" / "nobody") in message
+    message = refused(capsys, train_1st_order.main, RUN + ["--save_dir", str(tmp_path / "runs"), "--resume"])
+    assert "--uid" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_with_other_epochs_is_refused_under_a_cosine_schedule(tmp_path, capsys):
+    args = argv("sgd", tmp_path, "cos", "--decay_type", "cosine", "--epochs", 2)
+    run_dir = train_1st_order.main(args)
+    before = fake_data.snapshot_tree(run_dir)
+    message = refused(capsys, train_1st_order.main, args + ["--resume", "--epochs", "3"])
+    assert "--epochs 3" in message and "cosine" in message
+    assert fake_data.snapshot_tree(run_dir) == before
+
+
+# ---------------------------------------------------------------------------- a non-finite loss
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_batch(runs):
+    run_dir, rc, out = runs["diverging"]
+    assert rc not in (0, -9) and "Traceback" not in out, out[-2000:]
+    errors = re.findall(r"error: [^\r\n]*", out)  # (the progress bar may share its line)
+    assert len(errors) == 1 and "non-finite" in errors[0], out[-2000:]
+    assert "epoch 3, batch 2" in errors[0]
+    # every checkpoint before it is kept, whole, and the same as in a run that did not diverge
+    assert checkpoint_names(run_dir) == ["epoch_001.pth", "epoch_002.pth"]
+    assert torch.load(run_dir / training.LAST, weights_only=False)["epoch"] == 2
+    for name in checkpoint_names(run_dir):
+        assert same(torch.load(run_dir / name, weights_only=True),
+                    torch.load(runs["ref"]["sgd"] / name, weights_only=True))
+    assert "stopped:" in (run_dir / training.LOG_FILE).read_text()
+    assert temporary_files(run_dir) == []
+
+
+# ---------------------------------------------------------------------------- validation
+
+def test_killed_validation_reruns_to_the_same_info(runs, capsys):
+    run_dir, rc, out = runs["validation"]
+    assert rc == -9, out[-2000:]
+    results = run_dir / validate_NC.RESULTS_DIR
+    assert sorted(os.listdir(results)) == temporary_files(results) + ["epoch_001.pkl", "epoch_002.pkl"]
+    assert len(temporary_files(results)) == 1 and not (run_dir / "info.pkl").exists()
+    assert_complete_files(run_dir)
+    capsys.readouterr()
+    validate_NC.main(["--load_path", str(run_dir), "--device", "cpu"])
+    assert "(2 computed, 2 reused, 0 skipped)" in capsys.readouterr().out
+    info, log = runs["ref_info"]
+    assert same(load_pickle(run_dir / "info.pkl"), info)
+    assert (run_dir / "test_log.txt").read_text() == log
+
+
+def test_validation_follows_a_run_that_is_still_training(runs, tmp_path, capsys):
+    """Validate after 2 epochs, train on to 4, validate again: only the new checkpoints are computed."""
+    save_dir = tmp_path / "runs"
+    run_dir = train_1st_order.main(argv("sgd", save_dir, "growing", "--epochs", 2))
+    validate = ["--load_path", str(run_dir), "--device", "cpu"]
+    validate_NC.main(validate)
+    train_1st_order.main(argv("sgd", save_dir, "growing", "--resume", "--epochs", EPOCHS))
+    capsys.readouterr()
+    validate_NC.main(validate)
+    assert "(2 computed, 2 reused, 0 skipped)" in capsys.readouterr().out
+    info, log = runs["ref_info"]
+    assert same(load_pickle(os.path.join(run_dir, "info.pkl")), info)
+    # a checkpoint written again (a redone epoch) is not mistaken for the old one
+    os.utime(os.path.join(run_dir, "epoch_004.pth"), ns=(0, 0))
+    validate_NC.main(validate)
+    assert "(1 computed, 3 reused, 0 skipped)" in capsys.readouterr().out
+    assert same(load_pickle(os.path.join(run_dir, "info.pkl")), info)
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "f.pkl"
+    utils.save_pickle({"old": 1}, path)
+
+    def half_then_fail(f):
+        f.write(b"half a pickle")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        utils.atomic_write(path, half_then_fail)
+    assert load_pickle(path) == {"old": 1}
+    assert os.listdir(tmp_path) == ["f.pkl"]
+
+
+def test_fault_points_count_their_hits(monkeypatch):
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    monkeypatch.setattr(utils, "_fault_hits", {})
+    monkeypatch.setenv("NC_FAULT", "before_rename@3")
+    for _ in range(4):
+        utils.fault_point("before_rename")
+        utils.fault_point("batch:1:1")
+    assert len(killed) == 1
+    monkeypatch.setenv("NC_FAULT", "batch:2:5")
+    utils.fault_point("batch:2:4")
+    utils.fault_point("batch:2:5")
+    assert len(killed) == 2
