@@ -32,7 +32,7 @@ ARGS_FILE, LOG_FILE, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", 
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
 # Options that may differ from the recorded ones when resuming: they do not change the numbers.
 # --save_dir and --uid only say where the run is (it may have been moved or renamed).
-RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "resume", "force", "epochs", "save_dir", "uid"}
+RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "resume", "force", "epochs", "save_dir", "uid", "cuda_graph"}
 # What a training process killed mid-save leaves behind: the temporary files of utils.atomic_write.
 STALE_FILES = (".tmp_epoch_*.pth.*", f".tmp_{LAST}.*", f".tmp_{ARGS_FILE}.*")
 # Files of a run that --force removes before starting over.
