@@ -23,6 +23,7 @@ import torchvision.transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
+from args import add_model_args  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
 from train_1st_order import first_order_step  # noqa: E402
@@ -31,10 +32,8 @@ from utils import make_criterion, make_optimizer  # noqa: E402
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="MLP", choices=["MLP", "resnet18", "resnet34", "resnet50", "ResNet18_adapt"])
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--SOTA", action="store_true", help="CIFAR stem, and crop/flip augmentation (synthetic data)")
+    add_model_args(p)  # the training scripts' model flags
+    p.set_defaults(model="MLP")
     p.add_argument("--dataset", default="mnist_sample", choices=["mnist_sample", "synthetic"],
                    help="mnist_sample (real MNIST digits, 28x28 grey) or synthetic CIFAR-shaped images")
     p.add_argument("--num_samples", type=int, default=None, help="images per timed pass (default: 4000 or 25600)")
@@ -68,10 +67,7 @@ def get_data(args):
 
 
 def build(args, device):
-    margs = argparse.Namespace(model=args.model, width=args.width, depth=args.depth, bias=True, ETF_fc=False,
-                               fixdim=0, SOTA=args.SOTA, optimizer="SGD", lr=0.05, weight_decay=5e-4,
-                               sep_decay=False, loss="MSE", amp=args.amp, compile=args.compile,
-                               cuda_graph=args.cuda_graph)
+    margs = argparse.Namespace(**vars(args), optimizer="SGD", lr=0.05, weight_decay=5e-4, sep_decay=False, loss="MSE")
     torch.manual_seed(0)
     return margs, models.build_model(margs, 10).to(device)
 

@@ -25,16 +25,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
+from args import add_model_args  # noqa: E402
 from training import build_on_device  # noqa: E402
 from validate_NC import TrainingSetMetrics, last_layer  # noqa: E402
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="MLP", choices=["MLP", "resnet18", "resnet34", "resnet50", "ResNet18_adapt"])
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--SOTA", action="store_true")
+    add_model_args(p)  # the training scripts' model flags
+    p.set_defaults(model="MLP")
     p.add_argument("--dataset", default="mnist_sample",
                    help="a data set name, or 'synthetic' for random CIFAR-shaped images")
     p.add_argument("--data_dir", default="~/data")
@@ -181,9 +180,7 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     images, labels, (mean, std), K = get_data(args)
-    margs = argparse.Namespace(model=args.model, width=args.width, depth=args.depth, bias=True, ETF_fc=False,
-                               fixdim=0, SOTA=args.SOTA)
-    model, channels_last = build_on_device(margs, K, device)
+    model, channels_last = build_on_device(args, K, device)
     model.eval()
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, map_location=device))

@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end on tiny settings and end with their ratio line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("bench/validate.py", ["--width", "64", "--depth", "1", "--num_samples", "500", "--num_workers", "0",
+                           "--device", "cpu"]),
+    ("bench/train.py", ["--width", "64", "--depth", "1", "--num_samples", "512", "--num_workers", "0",
+                        "--device", "cpu"]),
+])
+def test_bench_prints_its_ratio(script, flags):
+    out = subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio: ") and float(last.split()[1]) > 0
+    if script == "bench/validate.py":
+        assert "end_to_end_ratio: " in out.stdout
