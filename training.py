@@ -215,15 +215,15 @@ def main(args, make_step, optimizers, given=()):
     if args.optimizer not in optimizers:
         script = "train_2nd_order.py" if args.optimizer == "LBFGS" else "train_1st_order.py"
         raise UserError(f"this script runs {' and '.join(optimizers)}, not {args.optimizer}: use {script}")
-    step = make_step(args)
-    if getattr(args, "cuda_graph", False):
-        if args.optimizer == "LBFGS":
-            raise UserError("--cuda_graph needs a first-order optimizer: LBFGS's line search decides on the host")
-        step = CUDAGraphStep(step)
     parse_decay_type(args.decay_type)
     device = get_device(args.gpu_id, args.device)
-    if getattr(args, "cuda_graph", False) and device.type != "cuda":
-        raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
+    step = make_step(args)
+    if args.cuda_graph:
+        if args.optimizer == "LBFGS":
+            raise UserError("--cuda_graph needs a first-order optimizer: LBFGS's line search decides on the host")
+        if device.type != "cuda":
+            raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
+        step = CUDAGraphStep(step)
     run_dir = os.path.join(args.save_dir, args.uid)
 
     set_seed(args.seed)

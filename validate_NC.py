@@ -111,15 +111,23 @@ def last_layer(model):
 
 
 @torch.no_grad()
+def training_set_metrics(model, loader, num_classes):
+    """The training-set entries of info.pkl, from one forward pass over `loader` (model in eval mode)."""
+    device = model.fc.weight.device
+    train = TrainingSetMetrics(num_classes, models.feature_dim(model), datasets.num_samples(loader), device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, h = model(x)
+        train.add(logits, h, y)
+    return train.result(*last_layer(model))
+
+
+@torch.no_grad()
 def evaluate(model, train_loader, test_loader, num_classes):
     """Every per-checkpoint quantity of info.pkl, in one forward pass over each split."""
     model.eval()
     device = model.fc.weight.device
-    train = TrainingSetMetrics(num_classes, models.feature_dim(model), datasets.num_samples(train_loader), device)
-    for x, y in train_loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, h = model(x)
-        train.add(logits, h, y)
+    train = training_set_metrics(model, train_loader, num_classes)
     test_hits = torch.zeros(2, dtype=torch.float64, device=device)
     test_sum = torch.zeros(models.feature_dim(model), dtype=torch.float64, device=device)
     for x, y in test_loader:
@@ -129,7 +137,7 @@ def evaluate(model, train_loader, test_loader, num_classes):
         test_sum += h.to(torch.float64).sum(0)
     n_test = datasets.num_samples(test_loader)
     acc1, acc5 = (100 * test_hits / n_test).tolist()
-    return {**train.result(*last_layer(model)), "test_acc1": acc1, "test_acc5": acc5,
+    return {**train, "test_acc1": acc1, "test_acc5": acc5,
             "mu_G_test": to_numpy(test_sum / n_test)}
 
 
