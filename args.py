@@ -4,12 +4,15 @@
 Both are plain argparse parsers, so a researcher's own script can extend them.
 """
 import argparse
+import copy
+import math
+import os
+
+from losses import LOSSES
+from optimizers import FIRST_ORDER, SECOND_ORDER
 
 DATASETS = ("mnist", "mnist_sample", "cifar10", "cifar10_random", "mini_imagenet")
 MODELS = ("resnet18", "resnet34", "resnet50", "MLP", "ResNet18_adapt")
-LOSSES = ("MSE", "RescaledMSE", "CrossEntropy")
-FIRST_ORDER = ("SGD", "Adam")
-SECOND_ORDER = ("LBFGS",)
 LOADERS = ("auto", "device", "torch")
 AMP = ("none", "bf16")
 
@@ -47,16 +50,33 @@ def seed_int(text):
 
 def nonnegative_float(text):
     value = float(text)
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def path(text):
+    """A file or folder name; ~ is expanded, as the shell would in an unquoted word."""
+    return os.path.expanduser(text)
+
+
+MAX_NAME_BYTES = 200  # a file name may have 255 bytes; leave room for the .tmp_ names beside it
+
+
+def run_name(text):
+    """--uid: one folder name (no path separators)."""
+    if text in ("", ".", "..") or "/" in text or os.sep in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a folder name without '/', got {text!r}")
+    if len(text.encode()) > MAX_NAME_BYTES:
+        raise argparse.ArgumentTypeError(f"is {len(text.encode())} bytes long; at most {MAX_NAME_BYTES} fit a folder name")
+    return text
 
 
 def add_model_args(parser):
@@ -79,7 +99,7 @@ def add_model_args(parser):
 def add_data_args(parser, batch_size):
     g = parser.add_argument_group("data and device")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    g.add_argument("--data_dir", default="~/data", help="where data sets are found or downloaded to")
+    g.add_argument("--data_dir", type=path, default="~/data", help="where data sets are found or downloaded to")
     g.add_argument("--batch_size", type=positive_int, default=batch_size)
     g.add_argument("--gpu_id", type=int, default=0, help="CUDA device index; the CPU is used when there is no GPU")
     g.add_argument("--device", default=None, help="explicit torch device ('cpu', 'cuda:1'); overrides --gpu_id")
@@ -94,9 +114,9 @@ def train_parser(default_optimizer="SGD", description=None):
     add_model_args(p)
     add_data_args(p, batch_size=128)
     g = p.add_argument_group("run directory")
-    g.add_argument("--uid", default=None,
+    g.add_argument("--uid", type=run_name, default=None,
                    help="run name; the run lives in <save_dir>/<uid>/ (default: timestamp plus a random id)")
-    g.add_argument("--save_dir", default="model_weights", help="folder that holds the run directories")
+    g.add_argument("--save_dir", type=path, default="model_weights", help="folder that holds the run directories")
     g.add_argument("--force", action="store_true", help="start over in an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue the run --uid from its last complete epoch")
     g.add_argument("--seed", type=seed_int, default=6)
@@ -125,12 +145,15 @@ def train_parser(default_optimizer="SGD", description=None):
     g.add_argument("--cuda_graph", action="store_true",
                    help="replay each training step as one CUDA graph (same numbers, far fewer kernel launches; "
                         "first-order optimizers on a GPU)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="cuDNN as the authors set it (deterministic algorithms, no autotuning, NCHW layout): "
+                        "bit-reproducible GPU runs, somewhat slower")
     return p
 
 
 def validate_parser():
     p = Parser(description="Measure NC1-NC4 on every checkpoint of a run directory.")
-    p.add_argument("--load_path", required=True, help="run directory, e.g. model_weights/<uid>")
+    p.add_argument("--load_path", type=path, required=True, help="run directory, e.g. model_weights/<uid>")
     p.add_argument("--epochs", type=positive_int, default=None, help="only checkpoints up to this epoch")
     add_model_args(p)
     add_data_args(p, batch_size=1024)
@@ -138,15 +161,11 @@ def validate_parser():
 
 
 def explicit_args(parser, argv):
-    """The options actually typed on the command line, as a dict (defaults left out)."""
-    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for action in parser._actions:
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
-            if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
-                kwargs.update(action="store_const", const=action.const)
-            else:
-                kwargs.update(type=action.type, nargs=action.nargs)
-            quiet.add_argument(*action.option_strings, **kwargs)
-    known, _ = quiet.parse_known_args(argv)
-    return vars(known)
+    """The options actually typed on the command line, as a dict (defaults left out).
+
+    argv is parsed a second time by a copy of the parser whose defaults are all a marker: whatever
+    still holds the marker afterwards was not typed."""
+    unset = object()
+    quiet = copy.deepcopy(parser)
+    quiet.set_defaults(**{dest: unset for dest in vars(parser.parse_args(argv))})
+    return {k: v for k, v in vars(quiet.parse_args(argv)).items() if v is not unset}

@@ -13,12 +13,27 @@ with Wc = W minus its mean row, Hbar = [mu_1 - mu_G, ..., mu_K - mu_G] (d x K) a
 P = (I_K - 11^T/K) / sqrt(K - 1), the simplex ETF Gram matrix scaled to unit Frobenius norm.
 
 `NCStats` accumulates the sufficient statistics (per-class counts and sums, one pooled d x d
-scatter) batch by batch on any device; `nc_metrics(H, y, W, b)` does it all for one feature matrix.
+scatter) batch by batch on any device; `paper_metrics(stats, W, b)` gives every quantity the paper
+records from them; `nc_metrics(H, y, W, b)` does it all for one feature matrix.
+
+Numerics. Everything is float64. Sigma_B has rank at most K - 1 (its columns are centred), so its
+pseudo-inverse keeps at most K - 1 directions and none at the level of rounding noise: inverting
+noise is what made the original code's NC1 depend on the SciPy version (its float32 pinv gave
+values like -21 or 9,740 where the true value is 0.5).
 """
 import math
 
 import torch
 import torch.nn.functional as F
+
+# Each quantity of the paper and its key in info.pkl (the original code's names, kept so that
+# existing info.pkl files and scripts keep working). The one place that maps the two.
+INFO_KEYS = {
+    "NC1": "collapse_metric", "NC2": "ETF_metric", "NC3": "WH_relation_metric", "NC4": "Wh_b_relation_metric",
+    "W": "W", "b": "b", "H_bar": "H", "mu_G": "mu_G_train", "mu_G_test": "mu_G_test",
+    "train_acc1": "train_acc1", "train_acc5": "train_acc5", "test_acc1": "test_acc1", "test_acc5": "test_acc5",
+    "avg_cos_margin": "avg_cos_margin", "all_cos_margin": "all_cos_margin", "nuclear_ratio": "nuclear_metric",
+}
 
 
 class NCStats:
@@ -82,12 +97,6 @@ def H_bar(mu_c, mu_G):
     return (mu_c - mu_G).T
 
 
-def Sigma_B(mu_c, mu_G):
-    """Between-class covariance (d, d), of rank at most K - 1."""
-    Hb = H_bar(mu_c, mu_G)
-    return Hb @ Hb.T / Hb.shape[1]
-
-
 def simplex_gram(K, dtype=torch.float64, device=None):
     """P = (I_K - 11^T/K) / sqrt(K - 1): the simplex ETF's Gram matrix with unit Frobenius norm."""
     return (torch.eye(K, dtype=dtype, device=device) - 1.0 / K) / math.sqrt(K - 1)
@@ -133,24 +142,25 @@ def NC4(W, b, mu_G):
     return torch.linalg.norm(W @ mu_G + b)
 
 
-def metrics_from_stats(stats, W, b=None):
-    """NC1-NC4 (as floats) from accumulated statistics and the last layer."""
+def paper_metrics(stats, W, b=None):
+    """Every quantity the paper records of a set of statistics under the last layer W (K, d), b (K,)
+    or None: NC1-NC4 as floats; W, b, H_bar (d, K) and mu_G (d,) as float64 tensors."""
     W = W.detach().to(torch.float64)
     b = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device) if b is None else b.detach().to(torch.float64)
     means, centre = mu_c(stats), mu_G(stats)
     return {"NC1": NC1(Sigma_W(stats), means, centre).item(), "NC2": NC2(W).item(),
-            "NC3": NC3(W, means, centre).item(), "NC4": NC4(W, b, centre).item()}
+            "NC3": NC3(W, means, centre).item(), "NC4": NC4(W, b, centre).item(),
+            "W": W, "b": b, "H_bar": H_bar(means, centre), "mu_G": centre}
 
 
-def nc_metrics(H, y, W, b=None, num_classes=None):
+def nc_metrics(H, y, W, b=None):
     """NC1-NC4 of features H (N, d) with labels y (N,) under the last layer W (K, d), b (K,) or None.
 
     Returns {"NC1", "NC2", "NC3", "NC4"} as floats. Every class must have at least one sample.
     """
-    K = num_classes or W.shape[0]
-    stats = NCStats(K, H.shape[1], H.device)
+    stats = NCStats(W.shape[0], H.shape[1], H.device)
     stats.update(H, y)
-    return metrics_from_stats(stats, W, b)
+    return {k: v for k, v in paper_metrics(stats, W, b).items() if k in ("NC1", "NC2", "NC3", "NC4")}
 
 
 # ---------------------------------------------------------------------------- per-sample extras

@@ -8,16 +8,11 @@ The runs are trained and validated by the commands of `python experiments.py --f
 import plot_utils
 from utils import run_main
 
-RUNS = {  # legend label -> run name under --root (RUNS.md)
-    "learned, $d=512$": "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true",
-    "fixed ETF, $d=512$": "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_true_fixdim_false_sota_true",
-    "learned, $d=10$": "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_10_sota_true",
-    "fixed ETF, $d=10$": "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_true_fixdim_10_sota_true",
-}
+FIGURE = "etf"  # its runs are runs.FIGURES["etf"]
 
 
 def main(argv=None):
-    return plot_utils.figure_main(__file__, RUNS, __doc__.split("\n\n")[0], argv, figure="etf")
+    return plot_utils.figure_main(__file__, FIGURE, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

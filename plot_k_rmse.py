@@ -8,17 +8,11 @@ The runs are trained and validated by the commands of `python experiments.py --f
 import plot_utils
 from utils import run_main
 
-RUN = "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_{M}_k_{k}"
-RUNS = {  # legend label -> run name under --root (RUNS.md)
-    r"$\alpha=1$": RUN.format(M=1, k=1),
-    r"$\alpha=5$": RUN.format(M=1, k=5),
-    r"$\alpha=15$": RUN.format(M=1, k=15),
-    r"$\alpha=20$": RUN.format(M=1, k=20),
-}
+FIGURE = "k"  # its runs are runs.FIGURES["k"]
 
 
 def main(argv=None):
-    return plot_utils.figure_main(__file__, RUNS, __doc__.split("\n\n")[0], argv, figure="k")
+    return plot_utils.figure_main(__file__, FIGURE, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

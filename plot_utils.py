@@ -22,7 +22,6 @@ or every --markevery epochs). Nothing is drawn or read at import time.
 import argparse
 import math
 import os
-import pickle
 import sys
 
 import matplotlib
@@ -32,23 +31,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from args import Parser, positive_int  # noqa: E402
+import rundir  # noqa: E402
+import runs as paper_runs  # noqa: E402
+from args import Parser, path, positive_int  # noqa: E402
+from nc import INFO_KEYS  # noqa: E402
+from rundir import INFO, info_epochs  # noqa: E402
 from utils import UserError  # noqa: E402
 
-INFO = "info.pkl"
-
-# (file name, info.pkl key, y-axis label, log y axis)
-CURVES = (
-    ("NC1", "collapse_metric", r"$\mathcal{NC}_1$", True),
-    ("NC2", "ETF_metric", r"$\mathcal{NC}_2$", False),
-    ("NC3", "WH_relation_metric", r"$\mathcal{NC}_3$", False),
-    ("NC4", "Wh_b_relation_metric", r"$\mathcal{NC}_4$", False),
+# (file name, quantity, y-axis label, log y axis); the quantity's info.pkl key is nc.INFO_KEYS[quantity]
+CURVES = tuple((name, INFO_KEYS[quantity], ylabel, log) for name, quantity, ylabel, log in (
+    ("NC1", "NC1", r"$\mathcal{NC}_1$", True),
+    ("NC2", "NC2", r"$\mathcal{NC}_2$", False),
+    ("NC3", "NC3", r"$\mathcal{NC}_3$", False),
+    ("NC4", "NC4", r"$\mathcal{NC}_4$", False),
     ("train_acc", "train_acc1", "Training accuracy (%)", False),
     ("test_acc", "test_acc1", "Test accuracy (%)", False),
     ("avg_cos_margin", "avg_cos_margin", "Average cosine margin", False),
-    ("nuclear_ratio", "nuclear_metric", r"$\|\mathbf{H}_k\|_* \,/\, \|\mathbf{H}_k\|_F$", False),
-)
-MARGIN_KEY = "all_cos_margin"
+    ("nuclear_ratio", "nuclear_ratio", r"$\|\mathbf{H}_k\|_* \,/\, \|\mathbf{H}_k\|_F$", False),
+))
+MARGIN_KEY = INFO_KEYS["all_cos_margin"]
 MARGIN_FIGURES = ("cos_margin_all", "cos_margin_low")
 FIGURE_NAMES = tuple(c[0] for c in CURVES) + MARGIN_FIGURES
 
@@ -70,20 +71,6 @@ MARKERS = ("o", "s", "^", "D", "v", "p", "*", "X", "P", "<")
 
 # ---------------------------------------------------------------------------- loading
 
-def n_entries(info):
-    """Number of checkpoints recorded in an info dict."""
-    if "epochs" in info:
-        return len(info["epochs"])
-    return max((len(v) for v in info.values() if isinstance(v, (list, tuple))), default=0)
-
-
-def info_epochs(info):
-    """The epoch of each entry; info.pkl files without an `epochs` key count 1, 2, ..."""
-    if "epochs" in info:
-        return [int(e) for e in info["epochs"]]
-    return list(range(1, n_entries(info) + 1))
-
-
 def load_info(run_dir, label=None, hint=""):
     """The info dict of a run directory. A missing directory, a missing or unreadable info.pkl,
     or one without checkpoints is a UserError whose one-line message names the run."""
@@ -95,12 +82,11 @@ def load_info(run_dir, label=None, hint=""):
         raise UserError(f"{who} has no {INFO}: validate it with "
                         f"python validate_NC.py --load_path {run_dir} --batch_size 1024")
     try:
-        with open(path, "rb") as f:
-            info = pickle.load(f)
+        info = rundir.read_info(run_dir)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{who}: cannot read {path} ({first}); rerun validate_NC.py on it")
-    if not isinstance(info, dict) or n_entries(info) == 0:
+    if not info_epochs(info):
         raise UserError(f"{who}: {path} holds no checkpoints; rerun validate_NC.py on it")
     return info
 
@@ -206,7 +192,12 @@ def draw_margins(runs, head=False, margin_head=None):
 
 def plot_infos(runs, out_dir, markevery=None, margin_head=None):
     """Draw every figure for runs = [(label, info)] into out_dir. Returns the written paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise UserError(f"cannot write figures to --out_dir {out_dir} ({e.strerror}): choose another folder")
     figures = [(name, draw_curve(runs, key, ylabel, log, markevery)) for name, key, ylabel, log in CURVES]
     figures += [(name, draw_margins(runs, head, margin_head)) for name, head in zip(MARGIN_FIGURES, (False, True))]
     written = [path for name, fig in figures if fig is not None for path in _save(fig, out_dir, name)]
@@ -261,9 +252,9 @@ def script_name(script):
 def base_parser(script, description=None, epilog=None):
     """The options every plot script shares: --root, --out_dir (figures/<script>/), the look."""
     p = Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="model_weights",
+    p.add_argument("--root", type=path, default="model_weights",
                    help="folder holding the run directories (default: %(default)s)")
-    p.add_argument("--out_dir", default=os.path.join("figures", script_name(script)),
+    p.add_argument("--out_dir", type=path, default=os.path.join("figures", script_name(script)),
                    help="where the .png and .pdf files go (default: %(default)s)")
     p.add_argument("--markevery", type=positive_int, default=None, metavar="EPOCHS",
                    help="epochs between markers (default: 25, or about 8 markers per curve on runs under 100 epochs)")
@@ -289,13 +280,14 @@ def resolve(root, run_dir):
     return os.path.join(os.path.expanduser(root), os.path.expanduser(run_dir))  # an absolute DIR ignores root
 
 
-def figure_main(script, table, description=None, argv=None, figure=None):
-    """The whole of a figure script: parse argv, plot the table's runs (or --runs) under --root.
-    `figure` names the experiments.py --figure that trains the table's runs, for the error hint."""
+def figure_main(script, figure, description=None, argv=None):
+    """The whole of a figure script: parse argv, plot the paper's runs of `figure` (a key of
+    runs.FIGURES), or --runs, under --root."""
+    table = paper_runs.figure_runs(figure)
     args = figure_parser(script, description, table).parse_args(argv)
     pairs = args.runs if args.runs is not None else list(table.items())
     runs = [(label, resolve(args.root, run_dir)) for label, run_dir in pairs]
     hint = ""
-    if args.runs is None and figure is not None:
+    if args.runs is None:
         hint = f"; train and validate it (python experiments.py --figure {figure} prints the commands), or set --root"
     return plot_runs(runs, args.out_dir, args.markevery, args.margin_head, args.skip_missing, hint)

@@ -3,7 +3,8 @@
     python train_1st_order.py --uid <run name> --dataset cifar10 --optimizer SGD --lr 0.05
 """
 import training
-from args import FIRST_ORDER, train_parser
+from args import train_parser
+from optimizers import FIRST_ORDER
 from utils import run_main
 
 

@@ -3,14 +3,17 @@
     python train_2nd_order.py --uid <run name> --dataset cifar10 --optimizer LBFGS --lr 0.1 --history_size 10 --batch_size 512
 """
 import training
-from args import SECOND_ORDER, train_parser
-from utils import l2_penalty, run_main
+from args import train_parser
+from losses import lbfgs_penalty
+from optimizers import SECOND_ORDER
+from utils import run_main
 
 
 def make_lbfgs_step(args):
     """LBFGS re-evaluates the loss inside its line search, so the step is a closure. It has no
-    weight decay of its own: the closure adds 0.5 * wd * sum ||p||^2 (the same minimiser that SGD's
-    decay aims at), except with --sep_decay, whose penalty the objective already holds."""
+    weight decay of its own: the closure adds 0.5 * wd * ||p||^2 for every trainable parameter (the
+    same minimiser that SGD's decay aims at), except with --sep_decay, whose penalty the objective
+    already holds."""
     weight_decay = 0.0 if args.sep_decay else args.weight_decay
 
     def lbfgs_step(optimizer, objective, x, y):
@@ -20,7 +23,8 @@ def make_lbfgs_step(args):
         def closure():
             optimizer.zero_grad(set_to_none=True)
             loss, logits = objective(x, y)
-            loss = loss + l2_penalty(params, weight_decay)
+            if weight_decay:
+                loss = lbfgs_penalty(loss, params, weight_decay)
             loss.backward()
             if not first:
                 first.append((loss.detach(), logits.detach()))

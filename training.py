@@ -4,14 +4,9 @@ A step is `step(optimizer, objective, x, y) -> (loss, logits)`: `objective(x, y)
 pass and returns (loss, logits); the step turns it into an update. The logged training accuracy
 comes from those logits, so no second forward pass is made.
 
-A run directory <save_dir>/<uid>/ holds:
-  args.json        the training arguments (validation and plotting read them)
-  train_log.txt    one line per epoch
-  epoch_NNN.pth    the model's state_dict after epoch NNN
-  last.pth         everything needed to resume: model, optimizer, scheduler, epoch, args, random
-                   states; previous.pth is the one before it, kept in case last.pth is damaged
+The run directory's files are rundir.py's; this module decides when a run may start or resume and
+writes them: args.json first, then after each epoch its checkpoint and the resume state.
 """
-import glob
 import os
 import sys
 import time
@@ -22,33 +17,31 @@ from tqdm import tqdm
 
 import datasets
 import models
-from nc import topk_hits
+import rundir
 from args import explicit_args
-from utils import (Log, UserError, get_device, load_json, make_criterion, make_optimizer, make_scheduler,
-                   parse_decay_type, rng_state, save_json, save_torch, sep_decay_penalty, set_rng_state, set_seed,
-                   fault_point)
+from losses import make_criterion, sep_decay_penalty
+from nc import topk_hits
+from optimizers import make_optimizer, make_scheduler, parse_decay_type
+from utils import Log, UserError, all_finite, get_device, rng_state, set_rng_state, set_seed, save_torch
 
-ARGS_FILE, LOG_FILE, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
-# Options that may differ from the recorded ones when resuming: they do not change the numbers.
-# --save_dir and --uid only say where the run is (it may have been moved or renamed).
-RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "resume", "force", "epochs", "save_dir", "uid", "cuda_graph"}
-# What a training process killed mid-save leaves behind: the temporary files of utils.atomic_write.
-STALE_FILES = (".tmp_epoch_*.pth.*", f".tmp_{LAST}.*", f".tmp_{ARGS_FILE}.*")
-# Files of a run that --force removes before starting over.
-RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS_FILE, LOG_FILE, "info.pkl", "test_log.txt", "nc_results/*.pkl",
-             *STALE_FILES)
-
-
-def checkpoint_path(run_dir, epoch):
-    return os.path.join(run_dir, f"epoch_{epoch:03d}.pth")
+# Options that may differ from the recorded ones when resuming, because they do not change the
+# numbers (--deterministic and --cuda_graph change at most the last bits of GPU sums). --save_dir,
+# --uid and --data_dir only say where things are (a run or its data may have moved).
+RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
+                     "deterministic"}
+NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
 
 
 class TrainingDiverged(UserError):
     pass
 
 
-def train_one_epoch(model, loader, step, optimizer, objective, epoch, device):
+def divergence_hint(args):
+    return "lower --lr, or --M/--k of RescaledMSE" if args.loss == "RescaledMSE" else "lower --lr"
+
+
+def train_one_epoch(model, loader, step, optimizer, objective, epoch, device, hint="lower --lr"):
     """One pass over the loader. Returns the mean loss and top-1/top-5 training accuracy (%)."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * B, top-1 hits, top-5 hits
@@ -56,7 +49,6 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device):
     n = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=None)  # None: TTY only
     for i, (x, y) in enumerate(bar):
-        fault_point(f"batch:{epoch}:{i + 1}")  # tests: NC_FAULT=batch:E:B kills the run mid-epoch here
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, logits = step(optimizer, objective, x, y)
         sums += torch.cat([(loss.double() * len(y)).view(1), topk_hits(logits, y)])
@@ -65,7 +57,7 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device):
         if (i + 1) % LOG_EVERY == 0 or i + 1 == len(loader):  # the only waits for the device
             if first_bad.item() >= 0:
                 raise TrainingDiverged(f"the loss became non-finite at epoch {epoch}, batch {first_bad.item() + 1}; "
-                                       f"checkpoints of earlier epochs are kept: lower --lr or change the optimizer")
+                                       f"checkpoints of earlier epochs are kept: {hint}")
             bar.set_postfix(loss=f"{sums[0].item() / n:.4g}", acc=f"{100 * sums[1].item() / n:.1f}")
     loss, top1, top5 = (sums / n).tolist()
     return {"loss": loss, "acc1": 100 * top1, "acc5": 100 * top5}
@@ -127,79 +119,60 @@ def make_objective(args, model, criterion):
 def build_on_device(args, num_classes, device):
     """(model, channels_last): the network the arguments describe, on `device`. On a GPU a
     convolutional model is kept channels_last, the layout its convolutions run fastest in, and
-    cuDNN picks its fastest algorithms."""
+    cuDNN picks its fastest algorithms; --deterministic sets cuDNN as the authors did instead."""
     try:
         model = models.build_model(args, num_classes).to(device)
     except ValueError as e:  # e.g. --ETF_fc with a feature dimension below the number of classes
         raise UserError(str(e))
-    channels_last = device.type == "cuda" and args.model != "MLP"
+    deterministic = getattr(args, "deterministic", False)
+    channels_last = device.type == "cuda" and args.model != "MLP" and not deterministic
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
     return model, channels_last
 
 
-# ---------------------------------------------------------------------------- run directories
-
-def recorded_args(run_dir):
-    path = os.path.join(run_dir, ARGS_FILE)
-    return load_json(path) if os.path.isfile(path) else None
-
+# ---------------------------------------------------------------------------- may this run start?
 
 def check_run_dir(args, given):
     """Decide, before anything is written, whether this run may start or resume. `given` holds the
     options typed on the command line. Returns the arguments to train with (on --resume, the
-    recorded ones)."""
+    recorded ones, with the typed options that may change)."""
+    rundir.check_is_dir_or_absent(args.save_dir, "--save_dir")
     run_dir = os.path.join(args.save_dir, args.uid)
-    # A run killed while writing args.json leaves only a temporary file: that is no run yet.
-    exists = os.path.isdir(run_dir) and any(not name.startswith(".tmp_") for name in os.listdir(run_dir))
-    if args.resume:
-        recorded = recorded_args(run_dir)
-        if recorded is None:
-            raise UserError(f"--resume: there is no run {run_dir} (no {ARGS_FILE}); check --uid and --save_dir")
-        clash = [f"--{k} {given[k]} (recorded: {recorded.get(k)})" for k in sorted(given)
-                 if k not in RESUME_MAY_CHANGE and given[k] != recorded.get(k)]
-        if clash:
-            raise UserError(f"--resume with arguments that differ from the run's: {', '.join(clash)}; "
-                            "drop them to continue the run as it was, or start a new --uid")
-        if given.get("epochs", recorded["epochs"]) != recorded["epochs"] and recorded["decay_type"] == "cosine":
-            # the schedule (and the scheduler state in last.pth) is laid out over the recorded epochs
-            raise UserError(f"--resume with --epochs {given['epochs']}: this run's cosine schedule spans its "
-                            f"recorded {recorded['epochs']} epochs; drop --epochs, or start a new --uid")
-        merged = dict(recorded, **{k: v for k, v in vars(args).items() if k in RESUME_MAY_CHANGE})
-        merged["epochs"] = given.get("epochs", recorded["epochs"])
-        return type(args)(**merged)
-    if exists and not args.force:
-        raise UserError(f"run directory {run_dir} exists already: pass --resume to continue it, "
-                        "--force to start over, or choose another --uid")
-    return args
+    rundir.check_is_dir_or_absent(run_dir, "--uid")
+    if not args.resume:
+        if rundir.has_run(run_dir) and not args.force:
+            raise UserError(f"run directory {run_dir} exists already: pass --resume to continue it, "
+                            "--force to start over, or choose another --uid")
+        return args
+    recorded = rundir.read_args(run_dir)
+    if recorded is None:
+        raise UserError(f"--resume: there is no run {run_dir} (no {rundir.ARGS}); check --uid and --save_dir")
+    clash = [f"--{k} {given[k]} (recorded: {recorded.get(k)})" for k in sorted(given)
+             if k not in RESUME_MAY_CHANGE | set(NOT_RECORDED) and given[k] != recorded.get(k)]
+    if clash:
+        raise UserError(f"--resume with arguments that differ from the run's: {', '.join(clash)}; "
+                        "drop them to continue the run as it was, or start a new --uid")
+    epochs = given.get("epochs", recorded["epochs"])
+    if epochs != recorded["epochs"] and recorded.get("decay_type") == "cosine":
+        # the schedule (and the scheduler state in last.pth) is laid out over the recorded epochs
+        raise UserError(f"--resume with --epochs {epochs}: this run's cosine schedule spans its "
+                        f"recorded {recorded['epochs']} epochs; drop --epochs, or start a new --uid")
+    done = max((e for e, _ in rundir.list_checkpoints(run_dir)), default=0)
+    if epochs < done:
+        raise UserError(f"--resume with --epochs {epochs}: {run_dir} has finished {done} epochs already; "
+                        f"give --epochs {done} or more (its checkpoints are kept as they are)")
+    # The recorded values, and those typed now; defaults of options newer than the run fill the rest.
+    merged = {**vars(args), **recorded, "save_dir": args.save_dir, "uid": args.uid, "resume": True, "force": False}
+    merged.update({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE})
+    return type(args)(**merged)
 
 
-def clear_run_dir(run_dir, patterns=RUN_FILES):
-    for pattern in patterns:
-        for path in glob.glob(os.path.join(run_dir, pattern)):
-            os.remove(path)
-
-
-def load_resume_state(run_dir):
-    """The newest of last.pth / previous.pth that loads and whose epoch checkpoint is intact.
-
-    An epoch checkpoint that is missing or damaged makes its state unusable, so that epoch is redone.
-    """
-    for name in (LAST, PREVIOUS):
-        path = os.path.join(run_dir, name)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-            torch.load(checkpoint_path(run_dir, state["epoch"]), map_location="cpu", weights_only=True)
-            if name == PREVIOUS:
-                # The unusable last.pth would otherwise become previous.pth at the next save, leaving
-                # no usable state at all should the run be killed before last.pth is written again.
-                os.replace(path, os.path.join(run_dir, LAST))
-            return state
-        except Exception as e:
-            if os.path.exists(path):
-                print(f"warning: cannot resume from {path} ({str(e).splitlines()[0][:120]}); trying an older state")
-    return None
+def recorded(args):
+    return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
 # ---------------------------------------------------------------------------- main
@@ -211,10 +184,14 @@ def main(args, make_step, optimizers, given=()):
         if args.resume:
             raise UserError("--resume needs the --uid of the run to continue")
         args.uid = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
-    args = check_run_dir(args, dict(given))
+    given = dict(given)
+    args = check_run_dir(args, given)
     if args.optimizer not in optimizers:
         script = "train_2nd_order.py" if args.optimizer == "LBFGS" else "train_1st_order.py"
         raise UserError(f"this script runs {' and '.join(optimizers)}, not {args.optimizer}: use {script}")
+    if args.batch_size < 2:
+        raise UserError("--batch_size 1: BatchNorm cannot normalise a batch of one image in training; "
+                        "use --batch_size 2 or more")
     parse_decay_type(args.decay_type)
     device = get_device(args.gpu_id, args.device)
     step = make_step(args)
@@ -225,7 +202,12 @@ def main(args, make_step, optimizers, given=()):
             raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
         step = CUDAGraphStep(step)
     run_dir = os.path.join(args.save_dir, args.uid)
+    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
+        args = check_run_dir(args, given)  # again, now that no other process can change the answer
+        return train(args, step, device, run_dir)
 
+
+def train(args, step, device, run_dir):
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     model, channels_last = build_on_device(args, data.num_classes, device)
@@ -238,11 +220,14 @@ def main(args, make_step, optimizers, given=()):
 
     start = 0
     if args.resume:
-        clear_run_dir(run_dir, STALE_FILES)
-        recorded = recorded_args(run_dir)
-        if recorded["epochs"] != args.epochs:  # a later plain --resume continues to the new end
-            save_json(dict(recorded, epochs=args.epochs), os.path.join(run_dir, ARGS_FILE))
-        state = load_resume_state(run_dir)
+        rundir.clear(run_dir, rundir.STALE)
+        # A new --epochs, --data_dir, ... is recorded, so that a later plain --resume goes on with it;
+        # a run that was moved or renamed is left as it is.
+        where = ("save_dir", "uid")
+        if {k: v for k, v in rundir.read_args(run_dir).items() if k not in where} != \
+                {k: v for k, v in recorded(args).items() if k not in where}:
+            rundir.write_args(run_dir, recorded(args))
+        state = rundir.load_state(run_dir)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -251,30 +236,34 @@ def main(args, make_step, optimizers, given=()):
             train_loader.generator.set_state(state["loader_rng"])
             start = state["epoch"]
     else:
-        os.makedirs(run_dir, exist_ok=True)
-        clear_run_dir(run_dir)
-        save_json(vars(args), os.path.join(run_dir, ARGS_FILE))
-    log = Log(os.path.join(run_dir, LOG_FILE))
+        rundir.clear(run_dir)
+        rundir.write_args(run_dir, recorded(args))
+    log = Log(os.path.join(run_dir, rundir.TRAIN_LOG))
     log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
           f"{data.num_classes} classes), {n_params:,} trainable parameters, {args.optimizer}, {device}")
 
-    t0, stats = time.time(), None
+    t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,
                   dynamic_ncols=True)
     for epoch in epochs:
         t = time.time()
         lr = optimizer.param_groups[0]["lr"]
         try:
-            stats = train_one_epoch(model, train_loader, step, optimizer, objective, epoch, device)
+            stats = train_one_epoch(model, train_loader, step, optimizer, objective, epoch, device, hint)
+            if not all_finite(model.state_dict()):
+                raise TrainingDiverged(f"the weights became non-finite in epoch {epoch} and were not saved; "
+                                       f"checkpoints of earlier epochs are kept: {hint}")
         except TrainingDiverged as e:
             log(f"stopped: {e}")
             raise
         scheduler.step()
         seconds = time.time() - t
-        save_torch(model.state_dict(), checkpoint_path(run_dir, epoch))
-        save_last_state(run_dir, model, optimizer, scheduler, epoch, args, train_loader)
+        save_torch(model.state_dict(), rundir.checkpoint_path(run_dir, epoch))
+        rundir.save_state(run_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "args": recorded(args), "rng": rng_state(), "loader_rng": train_loader.generator.get_state()})
         log(f"epoch {epoch:3d} | loss {stats['loss']:.6f} | train acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f}"
             f" | lr {lr:.3g} | {seconds:.1f} s | {len(data.train_labels) / seconds:,.0f} img/s")
         epochs.set_postfix(loss=f"{stats['loss']:.4g}", acc=f"{stats['acc1']:.1f}")
@@ -285,15 +274,6 @@ def main(args, make_step, optimizers, given=()):
         print(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
               f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/")
     return run_dir
-
-
-def save_last_state(run_dir, model, optimizer, scheduler, epoch, args, loader):
-    last, previous = os.path.join(run_dir, LAST), os.path.join(run_dir, PREVIOUS)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "args": vars(args), "rng": rng_state(), "loader_rng": loader.generator.get_state()}
-    if os.path.exists(last):
-        os.replace(last, previous)
-    save_torch(state, last)
 
 
 def run(parser, make_step, optimizers, argv=None):

@@ -1,29 +1,49 @@
-"""Optimisers, schedules, losses, devices, seeds and safe file writes, shared by every script."""
+"""Small shared helpers: one-line errors, devices, seeds, and files written whole.
+
+The authors' scripts import make_optimizer, make_scheduler, make_criterion and set_seed from here;
+those names keep working (the first three live in optimizers.py and losses.py).
+"""
 import json
 import os
 import pickle
 import random
-import signal
 import sys
 import tempfile
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
 class UserError(Exception):
     """Bad input: reported as one line, with a non-zero exit, and nothing on disk changed."""
 
 
+def _interrupted(e):
+    """Whether e is, or was raised while handling, a Ctrl-C (torch.save wraps it in a RuntimeError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_main(main, *args):
-    """Call main(*args); a UserError becomes a one-line message on stderr and exit status 2."""
+    """Call main(*args) as a script does: a UserError becomes a one-line message on stderr and exit
+    status 2; Ctrl-C becomes one line and status 130, however deep inside a save it struck."""
     try:
         return main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except BaseException as e:
+        if not _interrupted(e):
+            raise
+        print("interrupted: files written so far are complete", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 # ---------------------------------------------------------------------------- devices and seeds
@@ -35,6 +55,8 @@ def get_device(gpu_id=0, device=None):
             dev = torch.device(device)
         except RuntimeError as e:
             raise UserError(f"--device {device!r} is not a torch device ({e}); try 'cpu' or 'cuda:0'")
+        if dev.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {device!r}: this repository runs on 'cpu' or 'cuda[:N]' devices only")
     elif torch.cuda.is_available():
         dev = torch.device("cuda", gpu_id)
     else:
@@ -67,98 +89,27 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------- optimisation
+def all_finite(state_dict):
+    """Whether every floating-point tensor of a state_dict is free of inf and NaN (one device sync)."""
+    checks = [torch.isfinite(t).all() for t in state_dict.values() if torch.is_floating_point(t)]
+    return bool(torch.stack(checks).all()) if checks else True
 
-def trainable_parameters(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
+# ---------------------------------------------------------------------------- the authors' names
 
 def make_optimizer(args, model):
-    """SGD (momentum 0.9) or Adam with weight decay, or LBFGS (its decay is a penalty in the closure).
-
-    With --sep_decay the optimiser decays nothing: the loss carries the penalties instead.
-    """
-    params = trainable_parameters(model)
-    weight_decay = 0.0 if args.sep_decay else args.weight_decay
-    # Fused kernels exist for CUDA; on the CPU the default keeps results bitwise reproducible.
-    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
-    if args.optimizer == "SGD":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=weight_decay, **fused)
-    if args.optimizer == "Adam":
-        # Under --cuda_graph, Adam's step counter must live on the device to be captured.
-        capturable = {"capturable": True} if getattr(args, "cuda_graph", False) else {}
-        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=weight_decay, **fused, **capturable)
-    if args.optimizer == "LBFGS":
-        return torch.optim.LBFGS(params, lr=args.lr, history_size=args.history_size,
-                                 line_search_fn="strong_wolfe")
-    raise UserError(f"unknown optimizer {args.optimizer!r}; choose SGD, Adam or LBFGS")
-
-
-def parse_decay_type(decay_type):
-    """'step' -> ('step', None); 'step_40_80_120' -> ('multistep', [40, 80, 120]); 'cosine'."""
-    if decay_type in ("step", "cosine"):
-        return decay_type, None
-    parts = decay_type.split("_")
-    if parts[0] == "step" and len(parts) > 1 and all(p.isdigit() and int(p) > 0 for p in parts[1:]):
-        return "multistep", [int(p) for p in parts[1:]]
-    raise UserError(f"unknown --decay_type {decay_type!r}; use step, step_a_b_c (e.g. step_60_120_160) or cosine")
+    import optimizers
+    return optimizers.make_optimizer(args, model)
 
 
 def make_scheduler(args, optimizer):
-    """Stepped once per epoch, LBFGS included."""
-    kind, milestones = parse_decay_type(args.decay_type)
-    if kind == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.patience, gamma=args.gamma)
-    if kind == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.gamma)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    import optimizers
+    return optimizers.make_scheduler(args, optimizer)
 
 
-class MSELoss(nn.Module):
-    """nn.MSELoss against one-hot targets: the mean over all B*K entries."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.num_classes = num_classes
-
-    def forward(self, logits, y):
-        target = F.one_hot(y, self.num_classes).to(logits.dtype)  # (B, K), made on the device
-        return F.mse_loss(logits, target)
-
-
-class RescaledMSELoss(nn.Module):
-    """Hui & Belkin (2020): per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2], batch mean."""
-
-    def __init__(self, num_classes, M=1.0, k=1.0):
-        super().__init__()
-        self.num_classes, self.M, self.k = num_classes, M, k
-
-    def forward(self, logits, y):
-        onehot = F.one_hot(y, self.num_classes).to(logits.dtype)  # (B, K)
-        weight = 1 + (self.k - 1) * onehot  # k on the true class, 1 elsewhere
-        return (weight * (logits - self.M * onehot) ** 2).sum(1).mean() / self.num_classes
-
-
-def make_criterion(args, num_classes):
-    if args.loss == "MSE":
-        return MSELoss(num_classes)
-    if args.loss == "RescaledMSE":
-        return RescaledMSELoss(num_classes, M=args.M, k=args.k)
-    if args.loss == "CrossEntropy":
-        return nn.CrossEntropyLoss()
-    raise UserError(f"unknown loss {args.loss!r}; choose MSE, RescaledMSE or CrossEntropy")
-
-
-def sep_decay_penalty(model, h, weight_decay, feature_decay_rate):
-    """--sep_decay: (wd/2)(||W||^2 + ||b||^2) + (feature_decay_rate/2) sum_i ||h_i||^2 over the batch."""
-    penalty = sum(p.pow(2).sum() for p in model.fc.parameters())  # a frozen ETF adds a constant
-    return 0.5 * weight_decay * penalty + 0.5 * feature_decay_rate * h.float().pow(2).sum()
-
-
-def l2_penalty(params, weight_decay):
-    """LBFGS has no weight decay of its own: 0.5 * wd * sum ||p||^2 over the trainable parameters."""
-    return 0.5 * weight_decay * sum(p.pow(2).sum() for p in params)
+def make_criterion(args, num_classes=None):
+    import losses
+    return losses.make_criterion(args, num_classes)
 
 
 # ---------------------------------------------------------------------------- files
@@ -178,30 +129,11 @@ def atomic_write(path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
-        fault_point("before_rename")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-_fault_hits = {}  # fault point -> times this process has reached it
-
-
-def fault_point(name):
-    """Tests set NC_FAULT=<name> to kill the process (SIGKILL) the first time it gets here, or
-    NC_FAULT=<name>@<n> to kill it the n-th time (e.g. before_rename@3: right before the third
-    file of this process is renamed into place), simulating a crash at that very instant.
-    The points: before_rename (utils.atomic_write), batch:<epoch>:<batch> (training, 1-based)."""
-    fault = os.environ.get("NC_FAULT")
-    if not fault:
-        return
-    point, _, nth = fault.partition("@")
-    if point == name:
-        _fault_hits[name] = _fault_hits.get(name, 0) + 1
-        if _fault_hits[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_torch(obj, path):
@@ -222,13 +154,11 @@ def load_json(path):
 
 
 class Log:
-    """Appends lines to a log file in the run directory (and, when echo is set, to stdout)."""
+    """Appends lines to a log file."""
 
-    def __init__(self, path, echo=False):
-        self.path, self.echo = path, echo
+    def __init__(self, path):
+        self.path = path
 
     def __call__(self, line):
         with open(self.path, "a") as f:
             f.write(line + "\n")
-        if self.echo:
-            print(line)

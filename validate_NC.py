@@ -4,13 +4,13 @@ checkpoint of a run directory; write <run>/info.pkl and <run>/test_log.txt.
     python validate_NC.py --load_path model_weights/<uid>
 
 The model and data flags are read from the run's args.json; flags given here must agree with them.
-Each checkpoint's results are kept in <run>/nc_results/ as they are computed, so a rerun (after a
-crash, or while the run is still training) only evaluates the checkpoints not yet done.
+Each checkpoint's results are kept in <run>/nc_results/ as they are computed, keyed to everything
+they depend on (the checkpoint file, the data, the metric code's version), so a rerun (after a
+crash, or while the run is still training) only evaluates what is new or changed.
 """
 import argparse
+import hashlib
 import os
-import pickle
-import re
 import sys
 import time
 import warnings
@@ -22,33 +22,25 @@ from tqdm import tqdm
 import datasets
 import models
 import nc
+import rundir
 from args import MODEL_FLAGS, explicit_args, validate_parser
-from training import ARGS_FILE, build_on_device
-from utils import UserError, atomic_write, get_device, load_json, run_main, save_pickle
+from training import build_on_device
+from utils import UserError, all_finite, get_device, run_main
 
-CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
-RESULTS_DIR = "nc_results"
-# info.pkl: one list entry per evaluated checkpoint under each key (the authors' key names).
-INFO_KEYS = ("collapse_metric", "ETF_metric", "WH_relation_metric", "Wh_b_relation_metric",
-             "train_acc1", "train_acc5", "test_acc1", "test_acc5", "W", "b", "H", "mu_G_train", "mu_G_test",
-             "avg_cos_margin", "all_cos_margin", "nuclear_metric")
-
-
-def list_checkpoints(run_dir, max_epoch=None):
-    """[(epoch, path)] of the epoch_NNN.pth files, in epoch order."""
-    found = sorted((int(m.group(1)), os.path.join(run_dir, name))
-                   for name in os.listdir(run_dir) if (m := CHECKPOINT.match(name)))
-    return [(e, p) for e, p in found if max_epoch is None or e <= max_epoch]
+# Raise when the numbers a result holds change meaning: stored results of another version are recomputed.
+METRIC_VERSION = 2
+# info.pkl: one list entry per evaluated checkpoint under each key (the original code's key names).
+INFO_KEYS = tuple(nc.INFO_KEYS.values())
 
 
 def run_arguments(cli, given):
     """The run's recorded training arguments, with this command's data and device options.
     A model or data-set flag given here that disagrees with the record is refused."""
-    path = os.path.join(cli.load_path, ARGS_FILE)
-    if not os.path.isfile(path):  # a run directory from elsewhere: trust the command line
-        warnings.warn(f"{path} not found: the model and data set are taken from the command line")
+    recorded = rundir.read_args(cli.load_path)
+    if recorded is None:  # a run directory from elsewhere: trust the command line
+        warnings.warn(f"{os.path.join(cli.load_path, rundir.ARGS)} not found: "
+                      "the model and data set are taken from the command line")
         return argparse.Namespace(**vars(cli), sample_size=None)
-    recorded = load_json(path)
     clash = [f"--{k} {given[k]} (the run has {recorded.get(k)})" for k in MODEL_FLAGS
              if k in given and given[k] != recorded.get(k)]
     if clash:
@@ -59,6 +51,14 @@ def run_arguments(cli, given):
     if "data_dir" in given:
         merged["data_dir"] = cli.data_dir
     return argparse.Namespace(**merged)
+
+
+def data_key(data):
+    """A digest of the images and labels a result was computed on: the same data wherever it lies."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 class TrainingSetMetrics:
@@ -83,21 +83,14 @@ class TrainingSetMetrics:
         self.filled = end
 
     def result(self, W, b):
-        """The training-set entries of info.pkl under the last layer W (K, d), b (K,)."""
-        W, b = W.detach().to(torch.float64), b.detach().to(torch.float64)
-        means, centre = nc.mu_c(self.stats), nc.mu_G(self.stats)
-        margins = nc.cos_margins(self.H, self.y, W, b, centre)
+        """The training-set entries of info.pkl (by their info.pkl keys) under the last layer W (K, d), b (K,)."""
+        paper = nc.paper_metrics(self.stats, W, b)
+        margins = nc.cos_margins(self.H, self.y, paper["W"], paper["b"], paper["mu_G"])
         acc1, acc5 = (100 * self.hits / self.filled).tolist()
-        return {
-            "collapse_metric": nc.NC1(nc.Sigma_W(self.stats), means, centre).item(),
-            "ETF_metric": nc.NC2(W).item(),
-            "WH_relation_metric": nc.NC3(W, means, centre).item(),
-            "Wh_b_relation_metric": nc.NC4(W, b, centre).item(),
-            "train_acc1": acc1, "train_acc5": acc5,
-            "W": to_numpy(W), "b": to_numpy(b), "H": to_numpy(nc.H_bar(means, centre)), "mu_G_train": to_numpy(centre),
-            "avg_cos_margin": margins.mean().item(), "all_cos_margin": np.sort(to_numpy(margins)),
-            "nuclear_metric": nc.nuclear_ratio(self.H, self.y, self.K),
-        }
+        quantities = {**paper, "train_acc1": acc1, "train_acc5": acc5, "avg_cos_margin": margins.mean().item(),
+                      "all_cos_margin": np.sort(to_numpy(margins)),
+                      "nuclear_ratio": nc.nuclear_ratio(self.H, self.y, self.K)}
+        return {nc.INFO_KEYS[k]: to_numpy(v) if torch.is_tensor(v) else v for k, v in quantities.items()}
 
 
 def to_numpy(t):
@@ -144,74 +137,66 @@ def evaluate(model, train_loader, test_loader, num_classes):
 def load_checkpoint(model, path, device):
     """Load a state_dict; None on success, else the reason it cannot be used."""
     try:
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state)
     except Exception as e:
         return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if not all_finite(state):
+        return "its weights are not finite (the run diverged)"
     return None
-
-
-def cached_result(path, checkpoint):
-    """The stored result of a checkpoint, if it was computed from this very file."""
-    try:
-        with open(path, "rb") as f:
-            saved = pickle.load(f)
-        st = os.stat(checkpoint)
-        return saved["result"] if saved["checkpoint"] == (st.st_size, st.st_mtime_ns) else None
-    except Exception:
-        return None
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = validate_parser()
     cli = parser.parse_args(argv)
-    cli.load_path = os.path.normpath(cli.load_path)
-    run_dir = cli.load_path
+    cli.load_path = run_dir = os.path.normpath(cli.load_path)
     if not os.path.isdir(run_dir):
         raise UserError(f"--load_path {run_dir} is not a directory; give a run directory such as model_weights/<uid>")
-    checkpoints = list_checkpoints(run_dir, cli.epochs)
-    if not checkpoints:
+    if not rundir.list_checkpoints(run_dir, cli.epochs):
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
     args = run_arguments(cli, explicit_args(parser, argv))
-
+    rundir.results_dir(run_dir)  # refuses a file in the way before any work
     device = get_device(args.gpu_id, args.device)
+    with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated"):
+        return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device)
+
+
+def validate(args, run_dir, checkpoints, device):
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     model, channels_last = build_on_device(args, data.num_classes, device)
     train_loader, test_loader = datasets.make_loaders(data, args.batch_size, device, args.loader, train=False,
                                                       num_workers=args.num_workers, channels_last=channels_last)
-
-    results_dir = os.path.join(run_dir, RESULTS_DIR)
-    os.makedirs(results_dir, exist_ok=True)
+    key = {"version": METRIC_VERSION, "data": data_key(data),
+           "model": {k: getattr(args, k, None) for k in MODEL_FLAGS}}
     results, skipped, computed, t0 = {}, [], 0, time.time()
     for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True):
-        cache = os.path.join(results_dir, f"epoch_{epoch:03d}.pkl")
-        result = cached_result(cache, path)
+        # stat before loading: should training replace the file in between, the result is keyed to
+        # the old file and is computed again on the next run, never wrongly reused
+        checkpoint_key = dict(key, checkpoint=rundir.checkpoint_id(path))
+        result = rundir.read_result(run_dir, epoch, checkpoint_key)
         if result is None:
-            # stat before loading: should training replace the file in between, the result is
-            # keyed to the old file and is computed again on the next run, never wrongly reused
-            st = os.stat(path)
             reason = load_checkpoint(model, path, device)
+            if reason is None:
+                try:
+                    result = evaluate(model, train_loader, test_loader, data.num_classes)
+                except (RuntimeError, ValueError) as e:  # e.g. an SVD that does not converge
+                    reason = f"its metrics cannot be computed ({' '.join(str(e).split())[:120]})"
             if reason is not None:
                 warnings.warn(f"skipping {path}: {reason}")
                 skipped.append(path)
                 continue
-            result = evaluate(model, train_loader, test_loader, data.num_classes)
-            save_pickle({"checkpoint": (st.st_size, st.st_mtime_ns), "result": result}, cache)
+            rundir.write_result(run_dir, epoch, checkpoint_key, result)
             computed += 1
         results[epoch] = result
     if not results:
-        raise UserError(f"none of the {len(checkpoints)} checkpoints in {run_dir} could be loaded; "
+        raise UserError(f"none of the {len(checkpoints)} checkpoints in {run_dir} could be evaluated; "
                         "were they written by this repository for this model?")
 
-    epochs = sorted(results)
-    info = {key: [results[e][key] for e in epochs] for key in INFO_KEYS}
-    info["epochs"] = epochs
-    save_pickle(info, os.path.join(run_dir, "info.pkl"))
-    # written whole and renamed into place, as info.pkl is, so that a kill never leaves half of it
-    lines = "".join(format_line(e, results[e]) + "\n" for e in epochs)
-    atomic_write(os.path.join(run_dir, "test_log.txt"), lambda f: f.write(lines.encode()))
+    info = rundir.write_info(run_dir, results, INFO_KEYS, format_line)
+    epochs = info["epochs"]
     print(f"validated {len(epochs)} checkpoints ({computed} computed, {len(epochs) - computed} reused, "
-          f"{len(skipped)} skipped) in {time.time() - t0:.1f} s; wrote {run_dir}/info.pkl")
+          f"{len(skipped)} skipped) in {time.time() - t0:.1f} s; wrote {run_dir}/{rundir.INFO}")
     print("last " + format_line(epochs[-1], results[epochs[-1]]))
     return info
 

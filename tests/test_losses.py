@@ -1,10 +1,11 @@
-"""The losses and penalties of SPEC.md section 5, each against its formula on a hand-made case."""
+"""The losses and the weight-decay penalties, each against its formula on a hand-made case."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
+import losses
 import models
 import utils
 from args import train_parser
@@ -98,14 +99,14 @@ def test_sep_decay_penalty_formula(bias):
     b2 = (1 + 4 + 0.25) if bias else 0.0
     h2 = (1 + 4 + 1) + 4 * 0.25  # sum over the batch of ||h_i||^2
     expected = wd / 2 * (W2 + b2) + fdr / 2 * h2
-    assert utils.sep_decay_penalty(model, h, wd, fdr).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.sep_decay_penalty(model, h, wd, fdr).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sep_decay_penalty_excludes_the_body():
     """Only W, b and the features are decayed: the body's weights get no gradient from the penalty."""
     model = models.MLP(hidden=4, depth=1, num_classes=3)
     h = torch.randn(2, 4, requires_grad=True)
-    utils.sep_decay_penalty(model, h, 0.1, 0.2).backward()
+    losses.sep_decay_penalty(model, h, 0.1, 0.2).backward()
     torch.testing.assert_close(h.grad, 0.2 * h.detach())
     torch.testing.assert_close(model.fc.weight.grad, 0.1 * model.fc.weight.detach())
     assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("fc."))
@@ -126,7 +127,16 @@ def test_sep_decay_objective_adds_the_penalty():
     torch.testing.assert_close(logits, z)
 
 
-def test_l2_penalty_formula():
+def test_lbfgs_penalty_formula():
     params = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0], [-1.0]])]
-    assert utils.l2_penalty(params, 0.1).item() == pytest.approx(0.5 * 0.1 * (1 + 4 + 9 + 1))
-    assert utils.l2_penalty(params, 0.0).item() == 0.0
+    loss = torch.tensor(0.25)
+    assert losses.lbfgs_penalty(loss, params, 0.1).item() == pytest.approx(0.25 + 0.5 * 0.1 * (1 + 4 + 9 + 1))
+    assert losses.lbfgs_penalty(loss, params, 0.0).item() == 0.25
+
+
+def test_make_criterion_takes_the_authors_one_argument_call():
+    args = train_parser().parse_args(["--loss", "RescaledMSE", "--M", "3", "--k", "2"])
+    args.num_classes = 4
+    criterion = utils.make_criterion(args)  # as the authors' scripts call it
+    assert isinstance(criterion, losses.RescaledMSELoss) and (criterion.num_classes, criterion.M, criterion.k) == (4, 3, 2)
+    assert isinstance(utils.make_criterion(train_parser().parse_args([]), 5), losses.MSELoss)

@@ -12,7 +12,7 @@ torch.set_default_dtype(torch.float32)
 
 
 def reference(H, y, W, b):
-    """Every formula of SPEC.md section 6, written directly in float64 numpy."""
+    """Every NC formula (see nc.py's docstring), written directly in float64 numpy."""
     H, W, b = (np.asarray(a, dtype=np.float64) for a in (H, W, b))
     y = np.asarray(y)
     K = W.shape[0]
@@ -75,7 +75,7 @@ def test_nc1_keeps_its_precision_when_features_are_nearly_collapsed():
     streamed = nc.NCStats(4, 8)
     for chunk in torch.arange(len(y)).split(37):
         streamed.update(H[chunk], y[chunk])
-    assert nc.metrics_from_stats(streamed, W, b)["NC1"] == pytest.approx(ref["NC1"], rel=1e-6)
+    assert nc.paper_metrics(streamed, W, b)["NC1"] == pytest.approx(ref["NC1"], rel=1e-6)
 
 
 def test_streaming_in_batches_equals_one_batch():
@@ -86,7 +86,7 @@ def test_streaming_in_batches_equals_one_batch():
         stats = nc.NCStats(5, H.shape[1])
         for chunk in order.split(batch):
             stats.update(H[chunk], y[chunk])
-        streamed = nc.metrics_from_stats(stats, W, b)
+        streamed = nc.paper_metrics(stats, W, b)
         for key in whole:
             assert streamed[key] == pytest.approx(whole[key], rel=1e-9, abs=1e-12), (batch, key)
 
@@ -130,7 +130,7 @@ def test_topk_hits():
     assert nc.topk_hits(logits, y).tolist() == [1.0, 2.0]
 
 
-# ---------------------------------------------------------------------------- the theory (SPEC.md section 8)
+# ---------------------------------------------------------------------------- the theory: the unconstrained feature model's global minimiser
 
 def train_ufm(K, n, d, lam, bias=True, seed=0):
     """Minimise 1/(2N)||W H + b 1^T - Y||^2 + lam/2 ||W||^2 + lam/2 ||H||^2 by LBFGS in float64."""

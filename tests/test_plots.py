@@ -16,6 +16,7 @@ import plot_M_rmse
 import plot_optim_mse
 import plot_runs
 import plot_utils
+import runs
 from utils import UserError, run_main
 
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
@@ -61,8 +62,13 @@ def write_run(root, name, epochs=30, **kwargs):
     return run_dir
 
 
-def write_runs(root, table):
-    for i, name in enumerate(table.values()):
+def table(plot_module):
+    """{legend label: run name} of a plot script's figure."""
+    return runs.figure_runs(plot_module.FIGURE)
+
+
+def write_runs(root, labelled):
+    for i, name in enumerate(labelled.values()):
         write_run(root, name, seed=i, speed=1 + 0.4 * i)
 
 
@@ -82,7 +88,7 @@ def assert_figures(out_dir):
 def test_figure_script_draws_every_panel(figure, tmp_path):
     module = FIGURE_SCRIPTS[figure]
     root, out = tmp_path / "runs", tmp_path / "out"
-    write_runs(root, module.RUNS)
+    write_runs(root, table(module))
     written = module.main(["--root", str(root), "--out_dir", str(out)])
     assert_figures(out)
     assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
@@ -92,8 +98,8 @@ def test_figure_script_draws_every_panel(figure, tmp_path):
 def test_missing_run_is_a_one_line_error(figure, tmp_path, capsys):
     module = FIGURE_SCRIPTS[figure]
     root, out = tmp_path / "runs", tmp_path / "out"
-    write_runs(root, module.RUNS)
-    gone = list(module.RUNS.values())[-1]
+    write_runs(root, table(module))
+    gone = list(table(module).values())[-1]
     os.remove(root / gone / "info.pkl")
     os.rmdir(root / gone)
     with pytest.raises(SystemExit) as e:
@@ -107,8 +113,8 @@ def test_missing_run_is_a_one_line_error(figure, tmp_path, capsys):
 
 def test_run_without_info_pkl_names_it(tmp_path):
     root = tmp_path / "runs"
-    write_runs(root, plot_optim_mse.RUNS)
-    unvalidated = plot_optim_mse.RUNS["Adam"]
+    write_runs(root, table(plot_optim_mse))
+    unvalidated = table(plot_optim_mse)["Adam"]
     os.remove(root / unvalidated / "info.pkl")
     with pytest.raises(UserError, match=re.escape(unvalidated) + ".*validate_NC.py"):
         plot_optim_mse.main(["--root", str(root), "--out_dir", str(tmp_path / "out")])
@@ -124,8 +130,8 @@ def test_unreadable_info_pkl(tmp_path):
 
 def test_skip_missing_plots_the_rest(tmp_path, capsys):
     root, out = tmp_path / "runs", tmp_path / "out"
-    write_runs(root, plot_k_rmse.RUNS)
-    os.remove(root / plot_k_rmse.RUNS[r"$\alpha=5$"] / "info.pkl")
+    write_runs(root, table(plot_k_rmse))
+    os.remove(root / table(plot_k_rmse)[r"$\alpha=5$"] / "info.pkl")
     plot_k_rmse.main(["--root", str(root), "--out_dir", str(out), "--skip_missing"])
     assert_figures(out)
     assert "warning" in capsys.readouterr().err
@@ -145,7 +151,7 @@ def test_runs_flag_replaces_the_table(tmp_path):
 
 
 def test_default_out_dir_is_figures_script_name():
-    p = plot_utils.figure_parser("plot_dk_mse.py", "x", plot_dk_mse.RUNS)
+    p = plot_utils.figure_parser("plot_dk_mse.py", "x", table(plot_dk_mse))
     a = p.parse_args([])
     assert a.root == "model_weights" and os.path.normpath(a.out_dir) == os.path.join("figures", "plot_dk_mse")
 
@@ -233,7 +239,7 @@ def test_runbook_commands_parse(figure, tmp_path, capsys):
             if a.optimizer == "LBFGS":
                 assert a.history_size == 10 and a.batch_size == 512
             trained.append(a.uid)
-        assert trained == validated == list(module.RUNS.values())
+        assert trained == validated == list(table(module).values())
         last = cmds[-1]
         assert last[:2] == ["python", f"{module.__name__}.py"]
         assert last[2:] == ([] if root == "model_weights" else ["--root", root])
@@ -242,7 +248,7 @@ def test_runbook_commands_parse(figure, tmp_path, capsys):
 def test_runbook_all_lists_each_run_once(capsys):
     cmds, lines = commands(["--figure", "all"], capsys)
     uids = [c[c.index("--uid") + 1] for c in cmds if "--uid" in c]
-    every = {name for module in FIGURE_SCRIPTS.values() for name in module.RUNS.values()}
+    every = {name for module in FIGURE_SCRIPTS.values() for name in table(module).values()}
     assert sorted(uids) == sorted(every)
     assert len(every) == 3 + 4 + 4 + 5 + 3  # etf's learned d=10 is dk's d=10; M=1,k=1 is in both rescaled figures
     assert [c[1] for c in cmds if c[1].startswith("plot_")] == [f"{m.__name__}.py" for m in FIGURE_SCRIPTS.values()]
@@ -250,7 +256,7 @@ def test_runbook_all_lists_each_run_once(capsys):
 
 def test_runbook_skips_complete_and_resumes_partial(tmp_path, capsys):
     root = tmp_path / "runs"
-    sgd, adam, lbfgs = plot_optim_mse.RUNS.values()
+    sgd, adam, lbfgs = table(plot_optim_mse).values()
     write_run(root, sgd, epochs=200)  # complete
     write_run(root, adam, epochs=30)  # validated part-way, training stopped at 30
     (root / adam / "args.json").write_text("{}")
@@ -271,7 +277,7 @@ def test_runbook_skips_complete_and_resumes_partial(tmp_path, capsys):
 
 def test_runbook_smoke_epochs(tmp_path, capsys):
     root = tmp_path / "runs"
-    write_run(root, plot_k_rmse.RUNS[r"$\alpha=5$"], epochs=2)  # complete for a 2-epoch smoke test
+    write_run(root, table(plot_k_rmse)[r"$\alpha=5$"], epochs=2)  # complete for a 2-epoch smoke test
     cmds, _ = commands(["--figure", "k", "--root", str(root), "--epochs", "2"], capsys)
     train = [args_module.train_parser().parse_args(c[2:]) for c in cmds if c[1] == "train_1st_order.py"]
     valid = [args_module.validate_parser().parse_args(c[2:]) for c in cmds if c[1] == "validate_NC.py"]
@@ -284,15 +290,11 @@ def test_runbook_smoke_epochs(tmp_path, capsys):
 def test_runbook_run_stops_at_first_failure(tmp_path, monkeypatch, capsys):
     calls = []
 
-    class Done:
-        def __init__(self, code):
-            self.returncode = code
-
-    def fake_run(cmd, **kwargs):
+    def fake_call(cmd):
         calls.append(cmd)
-        return Done(1 if len(calls) == 3 else 0)
+        return 1 if len(calls) == 3 else 0
 
-    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+    monkeypatch.setattr(experiments, "call", fake_call)
     with pytest.raises(SystemExit) as e:
         run_main(experiments.main, ["--figure", "etf", "--root", str(tmp_path), "--run"])
     assert e.value.code == 2 and len(calls) == 3

@@ -1,8 +1,8 @@
 """Runs that survive being killed, diverging and bad input.
 
 Atomic writes, --resume from the last complete epoch, a clean stop on a non-finite loss and a
-resumable validate_NC.py. Killed runs are subprocesses that SIGKILL themselves at a fault point
-(NC_FAULT, see utils.fault_point); they are all started at once by one module fixture, because
+resumable validate_NC.py. Killed runs are subprocesses started through tests/faults.py, which
+SIGKILLs them at a chosen instant; they are all started at once by one module fixture, because
 each pays the torch import. Uninterrupted references and the resumes run in this process.
 "Bitwise" means torch.equal on every tensor of every epoch_NNN.pth (and of last.pth).
 """
@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import fake_data
+import rundir
 import train_1st_order
 import train_2nd_order
-import training
 import utils
 import validate_NC
-from conftest import REPO
+from conftest import REPO, TESTS
 
 EPOCHS = 4
 BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
@@ -44,10 +44,10 @@ KINDS = {
     "augmented": ("train_1st_order.py", train_1st_order.main, AUGMENTED + ["--loader", "device"]),
 }
 data_dirs = {}  # CIFAR10_DIR -> the folder the fixture wrote
-# Renames of a fresh run (the NC_FAULT=before_rename@n count): 1 args.json, then per epoch e
+# Renames of a fresh run (the before_rename@n count of tests/faults.py): 1 args.json, then per epoch e
 # 2e epoch_00e.pth and 2e+1 last.pth. A resumed run starts counting at its first checkpoint.
 KILLS = {
-    # name: (kind, the NC_FAULT of each killed process in turn (the 2nd and later run with --resume),
+    # name: (kind, the fault of each killed process in turn (the 2nd and later run with --resume),
     #        the epochs whose checkpoints are complete after the kills, where each later resume starts)
     "first_batch": ("sgd", ["batch:1:1"], 0, [0]),
     "mid_epoch": ("sgd", ["batch:3:2"], 2, [2]),
@@ -74,20 +74,19 @@ def argv(kind, save_dir, uid, *extra):
 
 
 def spawn(script, args, log, fault=None):
-    """Start a script; its output goes to the file `log` (a pipe nobody reads could fill and stall it)."""
+    """Start a script, killed at `fault` (see tests/faults.py) if given; its output goes to the file
+    `log` (a pipe nobody reads could fill and stall it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the same sums as this process (one thread, below)
-    env.pop("NC_FAULT", None)
-    if fault:
-        env["NC_FAULT"] = fault
+    command = [os.path.join(TESTS, "faults.py"), fault, script] if fault else [script]
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, script] + args, cwd=REPO, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable] + command + args, cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     proc.log = log
     return proc
 
 
 def finish(proc):
-    """(exit status, output) of a process; a run killed by NC_FAULT has status -9 (SIGKILL)."""
+    """(exit status, output) of a process; a run killed at its fault has status -9 (SIGKILL)."""
     proc.wait(timeout=300)
     with open(proc.log) as f:
         return proc.returncode, f.read()
@@ -162,7 +161,7 @@ def load_pickle(path):
 
 
 def checkpoint_names(run_dir):
-    return sorted(n for n in os.listdir(run_dir) if validate_NC.CHECKPOINT.match(n))
+    return sorted(n for n in os.listdir(run_dir) if rundir.CHECKPOINT.match(n))
 
 
 def temporary_files(run_dir):
@@ -194,7 +193,7 @@ def assert_bitwise_equal_runs(run_dir, reference, epochs=EPOCHS):
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs from the uninterrupted run"
-    ours, theirs = (torch.load(os.path.join(d, training.LAST), weights_only=False) for d in (run_dir, reference))
+    ours, theirs = (torch.load(os.path.join(d, rundir.LAST), weights_only=False) for d in (run_dir, reference))
     assert ours["epoch"] == theirs["epoch"] == epochs
     for key in ("model", "optimizer", "scheduler", "rng", "loader_rng"):
         assert same(ours[key], theirs[key]), f"last.pth: {key} differs from the uninterrupted run"
@@ -215,7 +214,7 @@ def assert_complete_files(run_dir):
 
 def resumed_after(run_dir):
     """The epoch each start of the run resumed after, from train_log.txt."""
-    return [int(e) for e in re.findall(r"^resumed after epoch (\d+)", (run_dir / training.LOG_FILE).read_text(), re.M)]
+    return [int(e) for e in re.findall(r"^resumed after epoch (\d+)", (run_dir / rundir.TRAIN_LOG).read_text(), re.M)]
 
 
 def refused(capsys, main, args):
@@ -252,14 +251,15 @@ def test_a_killed_run_resumes_to_the_same_checkpoints(runs, name):
     assert resumed_after(run_dir) == starts
     assert_bitwise_equal_runs(run_dir, runs["ref"][kind])
     assert temporary_files(run_dir) == []
-    assert json.loads((run_dir / training.ARGS_FILE).read_text()) == \
-        json.loads((runs["ref"][kind] / training.ARGS_FILE).read_text()) | {"save_dir": str(save_dir), "uid": name}
+    assert json.loads((run_dir / rundir.ARGS).read_text()) == \
+        json.loads((runs["ref"][kind] / rundir.ARGS).read_text()) | {"save_dir": str(save_dir), "uid": name}
 
 
 def test_a_run_killed_while_writing_its_arguments_can_be_started_again(runs, capsys):
     run_dir, rc, out = runs["saving_args"]
     assert rc == -9, out[-2000:]
-    assert [p.name for p in run_dir.iterdir()] == temporary_files(run_dir) and len(temporary_files(run_dir)) == 1
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != rundir.TRAIN_LOCK) == temporary_files(run_dir)
+    assert len(temporary_files(run_dir)) == 1
     message = refused(capsys, train_1st_order.main, argv("sgd", run_dir.parent, "saving_args", "--resume"))
     assert "no run" in message and str(run_dir) in message
     train_1st_order.main(argv("sgd", run_dir.parent, "saving_args"))  # no --force needed: there was no run
@@ -276,7 +276,7 @@ def test_a_truncated_newest_file_is_detected_and_its_epoch_redone(runs, tmp_path
     assert resumed_after(run_dir) == [EPOCHS - 1]
     assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd"])
     # both states are usable again: killed now, the run would still resume
-    assert torch.load(run_dir / training.PREVIOUS, weights_only=False)["epoch"] == EPOCHS - 1
+    assert torch.load(run_dir / rundir.PREVIOUS, weights_only=False)["epoch"] == EPOCHS - 1
     assert "cannot resume from" in capsys.readouterr().out  # and it said why it went back an epoch
 
 
@@ -288,9 +288,10 @@ def test_resuming_a_finished_run_changes_nothing(runs, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
     after, after_dirs = fake_data.snapshot_tree(run_dir)
     assert after_dirs == dirs and after.keys() == files.keys()
-    assert {k: v for k, v in after.items() if k != training.LOG_FILE} == \
-        {k: v for k, v in files.items() if k != training.LOG_FILE}
-    assert after[training.LOG_FILE][0].startswith(files[training.LOG_FILE][0])  # one line added to the log
+    bookkeeping = (rundir.TRAIN_LOG, rundir.TRAIN_LOCK)  # the lock holds the pid of its last owner
+    assert {k: v for k, v in after.items() if k not in bookkeeping} == \
+        {k: v for k, v in files.items() if k not in bookkeeping}
+    assert after[rundir.TRAIN_LOG][0].startswith(files[rundir.TRAIN_LOG][0])  # one line added to the log
 
 
 def test_resume_with_more_epochs_continues_as_if_planned_from_the_start(runs, tmp_path):
@@ -299,7 +300,7 @@ def test_resume_with_more_epochs_continues_as_if_planned_from_the_start(runs, tm
     assert resumed_after(run_dir) == [EPOCHS]
     assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd6"], epochs=6)
     # the new end is recorded: a plain --resume after this goes no further than 6, and no less
-    assert json.loads((run_dir / training.ARGS_FILE).read_text())["epochs"] == 6
+    assert json.loads((run_dir / rundir.ARGS).read_text())["epochs"] == 6
 
 
 def test_resume_with_more_epochs_survives_a_kill_of_the_extension(runs, tmp_path):
@@ -359,11 +360,11 @@ def test_a_non_finite_loss_stops_the_run_naming_epoch_and_batch(runs):
     assert "epoch 3, batch 2" in errors[0]
     # every checkpoint before it is kept, whole, and the same as in a run that did not diverge
     assert checkpoint_names(run_dir) == ["epoch_001.pth", "epoch_002.pth"]
-    assert torch.load(run_dir / training.LAST, weights_only=False)["epoch"] == 2
+    assert torch.load(run_dir / rundir.LAST, weights_only=False)["epoch"] == 2
     for name in checkpoint_names(run_dir):
         assert same(torch.load(run_dir / name, weights_only=True),
                     torch.load(runs["ref"]["sgd"] / name, weights_only=True))
-    assert "stopped:" in (run_dir / training.LOG_FILE).read_text()
+    assert "stopped:" in (run_dir / rundir.TRAIN_LOG).read_text()
     assert temporary_files(run_dir) == []
 
 
@@ -372,7 +373,7 @@ def test_a_non_finite_loss_stops_the_run_naming_epoch_and_batch(runs):
 def test_killed_validation_reruns_to_the_same_info(runs, capsys):
     run_dir, rc, out = runs["validation"]
     assert rc == -9, out[-2000:]
-    results = run_dir / validate_NC.RESULTS_DIR
+    results = run_dir / rundir.RESULTS
     assert sorted(os.listdir(results)) == temporary_files(results) + ["epoch_001.pkl", "epoch_002.pkl"]
     assert len(temporary_files(results)) == 1 and not (run_dir / "info.pkl").exists()
     assert_complete_files(run_dir)
@@ -416,18 +417,3 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
         utils.atomic_write(path, half_then_fail)
     assert load_pickle(path) == {"old": 1}
     assert os.listdir(tmp_path) == ["f.pkl"]
-
-
-def test_fault_points_count_their_hits(monkeypatch):
-    killed = []
-    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
-    monkeypatch.setattr(utils, "_fault_hits", {})
-    monkeypatch.setenv("NC_FAULT", "before_rename@3")
-    for _ in range(4):
-        utils.fault_point("before_rename")
-        utils.fault_point("batch:1:1")
-    assert len(killed) == 1
-    monkeypatch.setenv("NC_FAULT", "batch:2:5")
-    utils.fault_point("batch:2:4")
-    utils.fault_point("batch:2:5")
-    assert len(killed) == 2

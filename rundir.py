@@ -1,0 +1,250 @@
+"""A run directory, <save_dir>/<uid>/: the one module that knows its files.
+
+    args.json        the training arguments; validation, plotting and --resume read them
+    train_log.txt    one line per epoch (and a line per start, resume or stop)
+    epoch_NNN.pth    the model's state_dict after epoch NNN (three digits or more, zero-padded)
+    last.pth         everything needed to resume: model, optimizer, scheduler, epoch, arguments and
+                     random states; previous.pth is the one before it, kept in case last.pth is damaged
+    nc_results/      one pickle per validated checkpoint, keyed to everything its numbers depend on
+    info.pkl         the per-checkpoint results as lists in epoch order (the authors' format)
+    test_log.txt     one line of NC1-NC4 and accuracies per validated checkpoint
+    .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
+                     process on the same run is refused; the kernel drops a dead process's lock
+
+Every file is written to a temporary name beside it and renamed into place (utils.atomic_write),
+so a process killed at any instant leaves whole files only, plus at most one `.tmp_*` file.
+
+A run is 'new' (nothing yet), 'partial' (args.json is there), 'trained' (the checkpoint of its
+last epoch is there) or 'done' (info.pkl covers every epoch).
+"""
+import errno
+import fcntl
+import glob
+import os
+import pickle
+import re
+from contextlib import contextmanager
+
+import torch
+
+from utils import UserError, atomic_write, load_json, save_json, save_pickle, save_torch
+
+ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
+INFO, TEST_LOG, RESULTS = "info.pkl", "test_log.txt", "nc_results"
+TRAIN_LOCK, VALIDATE_LOCK = ".lock", ".validate.lock"
+CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
+# What a process killed mid-save leaves behind: the temporary files of utils.atomic_write.
+STALE = (".tmp_*",)
+# Files of a run that --force removes before starting over (the locks stay: one is held).
+RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS, TRAIN_LOG, INFO, TEST_LOG, f"{RESULTS}/*.pkl", *STALE,
+             f"{RESULTS}/.tmp_*")
+# Keys args.json must hold for a run to be resumed or validated.
+REQUIRED_ARGS = ("model", "dataset", "epochs", "optimizer", "batch_size", "seed")
+
+
+def checkpoint_path(run_dir, epoch):
+    return os.path.join(run_dir, f"epoch_{epoch:03d}.pth")
+
+
+def list_checkpoints(run_dir, max_epoch=None):
+    """[(epoch, path)] of the epoch_NNN.pth files, in epoch order. Only the names this repository
+    writes count: epoch_1.pth beside epoch_001.pth is not a second epoch 1."""
+    found = []
+    for name in os.listdir(run_dir):
+        m = CHECKPOINT.match(name)
+        if m and name == os.path.basename(checkpoint_path(run_dir, int(m.group(1)))):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return sorted((e, p) for e, p in found if max_epoch is None or e <= max_epoch)
+
+
+def has_run(run_dir):
+    """Whether run_dir holds a run (a run killed while writing args.json left only a temporary file)."""
+    return os.path.isdir(run_dir) and any(not name.startswith(".") for name in os.listdir(run_dir))
+
+
+def check_is_dir_or_absent(path, flag):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def read_args(run_dir):
+    """The recorded training arguments (a dict), or None when the run has no args.json."""
+    path = os.path.join(run_dir, ARGS)
+    if not os.path.exists(path):
+        return None
+    try:
+        args = load_json(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({' '.join(str(e).split())[:120]}): restore it, "
+                        "or start the run again with --force")
+    missing = [k for k in REQUIRED_ARGS if not isinstance(args, dict) or k not in args]
+    if missing:
+        raise UserError(f"{path} is not a run's arguments (no {', '.join(missing)}): restore it, "
+                        "or start the run again with --force")
+    return args
+
+
+def write_args(run_dir, args):
+    save_json(args, os.path.join(run_dir, ARGS))
+
+
+# ---------------------------------------------------------------------------- resume state
+
+def save_state(run_dir, state):
+    """last.pth <- state; the former last.pth becomes previous.pth."""
+    last = os.path.join(run_dir, LAST)
+    if os.path.exists(last):
+        os.replace(last, os.path.join(run_dir, PREVIOUS))
+    save_torch(state, last)
+
+
+def load_state(run_dir, warn=print):
+    """The newest of last.pth / previous.pth that loads and whose epoch checkpoint is intact (None
+    when neither is). A missing or damaged epoch checkpoint makes its state unusable: that epoch is
+    redone."""
+    for name in (LAST, PREVIOUS):
+        path = os.path.join(run_dir, name)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+            torch.load(checkpoint_path(run_dir, state["epoch"]), map_location="cpu", weights_only=True)
+            if name == PREVIOUS:
+                # The unusable last.pth would otherwise become previous.pth at the next save, leaving
+                # no usable state at all should the run be killed before last.pth is written again.
+                os.replace(path, os.path.join(run_dir, LAST))
+            return state
+        except Exception as e:
+            if os.path.exists(path):
+                warn(f"warning: cannot resume from {path} ({str(e).splitlines()[0][:120]}); trying an older state")
+    return None
+
+
+def clear(run_dir, patterns=RUN_FILES):
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(run_dir, pattern)):
+            os.remove(path)
+
+
+# ---------------------------------------------------------------------------- per-checkpoint results
+
+def results_dir(run_dir):
+    path = os.path.join(run_dir, RESULTS)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path} is a file, but validation keeps its results in a folder of that name: "
+                        "move the file away")
+    return path
+
+
+def checkpoint_id(path):
+    """What identifies a checkpoint file's contents without reading it: size and modification time."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def read_result(run_dir, epoch, key):
+    """The stored result of a checkpoint, if it was computed under exactly `key` (None otherwise)."""
+    try:
+        with open(os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl"), "rb") as f:
+            saved = pickle.load(f)
+        return saved["result"] if saved["key"] == key else None
+    except Exception:
+        return None
+
+
+def write_result(run_dir, epoch, key, result):
+    folder = results_dir(run_dir)
+    os.makedirs(folder, exist_ok=True)
+    save_pickle({"key": key, "result": result}, os.path.join(folder, f"epoch_{epoch:03d}.pkl"))
+
+
+def write_info(run_dir, results, info_keys, format_line):
+    """info.pkl (each of `info_keys` as a list in epoch order, plus `epochs`) and test_log.txt,
+    from results = {epoch: result dict}."""
+    epochs = sorted(results)
+    info = {key: [results[e][key] for e in epochs] for key in info_keys}
+    info["epochs"] = epochs
+    save_pickle(info, os.path.join(run_dir, INFO))
+    lines = "".join(format_line(e, results[e]) + "\n" for e in epochs)
+    atomic_write(os.path.join(run_dir, TEST_LOG), lambda f: f.write(lines.encode()))
+    return info
+
+
+def read_info(run_dir):
+    """The info dict of info.pkl. Raises OSError/pickle errors when it cannot be read, and
+    ValueError when it is not an info dict of equally long lists."""
+    with open(os.path.join(run_dir, INFO), "rb") as f:
+        info = pickle.load(f)
+    if not isinstance(info, dict):
+        raise ValueError(f"it holds a {type(info).__name__}, not a dict")
+    lengths = {k: len(v) for k, v in info.items() if isinstance(v, (list, tuple))}
+    if len(set(lengths.values())) > 1:
+        raise ValueError("its lists differ in length (" +
+                         ", ".join(f"{k} {n}" for k, n in sorted(lengths.items())) + ")")
+    return info
+
+
+def info_epochs(info):
+    """The epoch of each entry; info.pkl files without an `epochs` key count 1, 2, ..."""
+    if "epochs" in info:
+        return [int(e) for e in info["epochs"]]
+    n = max((len(v) for v in info.values() if isinstance(v, (list, tuple))), default=0)
+    return list(range(1, n + 1))
+
+
+def validated_epochs(run_dir):
+    """The epochs that info.pkl covers (empty when it is missing or unreadable)."""
+    try:
+        return set(info_epochs(read_info(run_dir)))
+    except Exception:
+        return set()
+
+
+def state(run_dir, epochs):
+    """'done', 'trained', 'partial' or 'new' (see the module docstring)."""
+    if set(range(1, epochs + 1)) <= validated_epochs(run_dir):
+        return "done"
+    if os.path.isfile(checkpoint_path(run_dir, epochs)):
+        return "trained"
+    if os.path.isfile(os.path.join(run_dir, ARGS)):
+        return "partial"
+    return "new"
+
+
+# ---------------------------------------------------------------------------- ownership
+
+@contextmanager
+def locked(run_dir, lock_name=TRAIN_LOCK, what="trained"):
+    """Hold run_dir's lock for the body, creating run_dir if needed. Another process holding it is
+    refused in one line. The lock is an flock, so a killed process never leaves it stuck; should
+    the body refuse to start, a run directory created here is removed again."""
+    created, folder = [], os.path.abspath(run_dir)  # the folders made here, deepest first
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, lock_name), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the run directory {run_dir} ({e.strerror}): choose a writable --save_dir")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            raise UserError(f"{run_dir} is being {what} by another process (pid {holder}); "
+                            "wait for it to finish, or stop it first")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield
+        except UserError:
+            if created and os.listdir(run_dir) == [lock_name]:
+                os.remove(os.path.join(run_dir, lock_name))
+                for folder in created:
+                    os.rmdir(folder)
+            raise
+    finally:
+        os.close(fd)  # releases the flock

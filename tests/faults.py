@@ -1,0 +1,68 @@
+"""Run a script of the repository and SIGKILL it at a chosen instant: crash safety tested from the
+outside, with nothing in the product that knows about it.
+
+    python tests/faults.py FAULT SCRIPT [ARGUMENTS...]
+
+FAULT is one of
+    before_rename@N   right before the N-th file of this process is renamed into place
+                      (the os.replace of a .tmp_ file by utils.atomic_write); N defaults to 1
+    batch:E:B         right before the B-th batch (1-based) of epoch E is trained
+"""
+import os
+import runpy
+import signal
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_before_rename(n):
+    real, count = os.replace, [0]
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(src).startswith(".tmp_"):
+            count[0] += 1
+            if count[0] == n:
+                die()
+        return real(src, dst, *args, **kwargs)
+    os.replace = replace
+
+
+def kill_before_batch(epoch, batch):
+    import training
+    real = training.train_one_epoch
+
+    def train_one_epoch(model, loader, step, optimizer, objective, e, *args, **kwargs):
+        if e == epoch:
+            count, inner = [0], step
+
+            def step(*step_args):
+                count[0] += 1
+                if count[0] == batch:
+                    die()
+                return inner(*step_args)
+        return real(model, loader, step, optimizer, objective, e, *args, **kwargs)
+    training.train_one_epoch = train_one_epoch
+
+
+def install(fault):
+    if fault.startswith("before_rename"):
+        _, _, n = fault.partition("@")
+        kill_before_rename(int(n or 1))
+    elif fault.startswith("batch:"):
+        _, epoch, batch = fault.split(":")
+        kill_before_batch(int(epoch), int(batch))
+    else:
+        raise SystemExit(f"unknown fault {fault!r}")
+
+
+if __name__ == "__main__":
+    fault, script, *arguments = sys.argv[1:]
+    sys.path.insert(0, REPO)
+    install(fault)
+    sys.argv = [script] + arguments
+    runpy.run_path(os.path.join(REPO, script), run_name="__main__")
