@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -48,16 +49,6 @@ class ImageData:
 
 # ---------------------------------------------------------------------------- reading from disk
 
-class _CIFAR10(torchvision.datasets.CIFAR10):
-    meta = dict(torchvision.datasets.CIFAR10.meta, md5=None)  # see _check_integrity
-
-    def _check_integrity(self):
-        # torchvision's checksums would reject the small copies that tests write in the same
-        # format; a truncated file still fails when it is unpickled or reshaped.
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, name))
-                   for name, _ in self.train_list + self.test_list)
-
-
 MNIST_FILES = [f"MNIST/raw/{n}" for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
 CIFAR10_FILES = [f"cifar-10-batches-py/{n}" for n in
@@ -69,7 +60,15 @@ def _short(e):
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-def _torchvision_splits(cls, name, root, files):
+def _cifar10_checksum_failures(root):
+    """The CIFAR-10 files under root whose md5 is not torchvision's record of the official release."""
+    cls = torchvision.datasets.CIFAR10
+    listed = cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]
+    return [f"{cls.base_folder}/{name}" for name, md5 in listed
+            if not torchvision.datasets.utils.check_integrity(os.path.join(root, cls.base_folder, name), md5)]
+
+
+def _torchvision_splits(cls, name, root, files, checksum_failures=lambda root: []):
     """Both splits of a torchvision data set: downloaded when missing, a one-line error when that fails."""
     missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
     if missing:
@@ -81,6 +80,11 @@ def _torchvision_splits(cls, name, root, files):
     try:
         return cls(root, train=True, download=False), cls(root, train=False, download=False)
     except Exception as e:
+        failed = checksum_failures(root)  # computed only now: torchvision has just checked them once
+        if failed:
+            raise UserError(f"{name} files {', '.join(failed)} under {root} fail torchvision's checksum (truncated, "
+                            f"corrupt or not the official files): replace them there "
+                            f"(or delete them to download again)")
         raise UserError(f"{name} files under {root} are truncated or corrupt ({_short(e)}): "
                         f"replace {', '.join(files)} there (or delete them to download again)")
 
@@ -114,20 +118,44 @@ def load_mnist_sample(_root=None):
 
 
 def load_cifar10(root):
-    train, test = _torchvision_splits(_CIFAR10, "CIFAR-10", root, CIFAR10_FILES)
+    train, test = _torchvision_splits(torchvision.datasets.CIFAR10, "CIFAR-10", root, CIFAR10_FILES,
+                                      _cifar10_checksum_failures)
     return train.data, _as_int64(train.targets), test.data, _as_int64(test.targets)
+
+
+RANDOM_LABELS = os.path.join("cifar10_random_label", "labels.pkl")  # under --data_dir
+
+
+def _read_random_labels(path, n_train, n_test, num_classes):
+    """The stored (train, test) labels, or a one-line error that says to delete the file."""
+    again = "delete it to draw the labels again"
+    try:
+        with open(path, "rb") as f:
+            stored = pickle.load(f)
+    except Exception as e:
+        raise UserError(f"{path} is truncated or not a pickle ({_short(e)}): {again}")
+    try:
+        labels = [np.asarray(stored[split]) for split in ("train", "test")]
+        ok = isinstance(stored, dict) and all(y.ndim == 1 and np.issubdtype(y.dtype, np.integer) for y in labels)
+    except Exception:  # not indexable by 'train'/'test', or ragged
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a dict of 'train' and 'test' integer label arrays: {again}")
+    if (len(labels[0]), len(labels[1])) != (n_train, n_test):
+        raise UserError(f"{path} holds labels for {len(labels[0])}/{len(labels[1])} images but the "
+                        f"data set has {n_train}/{n_test}: delete it to draw new labels")
+    for y in labels:
+        bad = y[(y < 0) | (y >= num_classes)]
+        if len(bad):
+            raise UserError(f"{path} has label {bad[0]}, outside the classes 0..{num_classes - 1}: {again}")
+    return labels[0].astype(np.int64), labels[1].astype(np.int64)
 
 
 def random_labels(root, n_train, n_test, num_classes=10):
     """Class-balanced random labels, drawn once from RANDOM_LABEL_SEED and kept under root."""
-    path = os.path.join(root, "cifar10_random_label", "labels.pkl")
+    path = os.path.join(root, RANDOM_LABELS)
     if os.path.isfile(path):
-        with open(path, "rb") as f:
-            labels = pickle.load(f)
-        if len(labels["train"]) == n_train and len(labels["test"]) == n_test:
-            return labels["train"], labels["test"]
-        raise UserError(f"{path} holds labels for {len(labels['train'])}/{len(labels['test'])} images but the "
-                        f"data set has {n_train}/{n_test}: delete it to draw new labels")
+        return _read_random_labels(path, n_train, n_test, num_classes)
     rng = np.random.RandomState(RANDOM_LABEL_SEED)
     labels = {split: rng.permutation(np.arange(n) % num_classes).astype(np.int64)
               for split, n in (("train", n_train), ("test", n_test))}
@@ -170,14 +198,39 @@ def load_mini_imagenet(root):
             np.concatenate([x[per_class:] for x in images]), np.concatenate([y[per_class:] for y in labels]))
 
 
-# name: (reader, (mean, std), whether --SOTA augments it)
+class DataSet(NamedTuple):
+    read: Callable  # root -> (train images, train labels, test images, test labels)
+    stats: tuple  # (mean, std) of Normalize
+    augmentable: bool  # whether --SOTA crops and flips its training set
+    num_classes: Optional[int]  # K; None: as many as the files define (mini-ImageNet: 100 in the real caches)
+    label_files: tuple  # where the (training, test) labels come from, under --data_dir: for error messages
+    fix: str  # what a user should do about a bad label file
+
+
 DATASETS = {
-    "mnist": (load_mnist, MNIST_STATS, False),
-    "mnist_sample": (load_mnist_sample, MNIST_STATS, False),
-    "cifar10": (load_cifar10, CIFAR10_STATS, True),
-    "cifar10_random": (load_cifar10_random, IMAGENET_STATS, False),
-    "mini_imagenet": (load_mini_imagenet, IMAGENET_STATS, True),
+    "mnist": DataSet(load_mnist, MNIST_STATS, False, 10,
+                     ("MNIST/raw/train-labels-idx1-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"),
+                     "replace the MNIST files there (or delete them to download them again)"),
+    "mnist_sample": DataSet(load_mnist_sample, MNIST_STATS, False, 10, (MNIST_SAMPLE, MNIST_SAMPLE),
+                            "restore it from the repository (git checkout data/mnist_sample.npz)"),
+    "cifar10": DataSet(load_cifar10, CIFAR10_STATS, True, 10,
+                       ("cifar-10-batches-py/data_batch_1..5", "cifar-10-batches-py/test_batch"),
+                       "replace the CIFAR-10 files there (or delete them to download them again)"),
+    "cifar10_random": DataSet(load_cifar10_random, IMAGENET_STATS, False, 10, (RANDOM_LABELS, RANDOM_LABELS),
+                              "delete it to draw the labels again"),
+    "mini_imagenet": DataSet(load_mini_imagenet, IMAGENET_STATS, True, None,
+                             ("mini_imagenet/mini-imagenet-cache-*.pkl",) * 2,
+                             "replace the mini-ImageNet caches"),
 }
+
+
+def _check_labels(name, split, images, labels, num_classes, path, fix):
+    """One label per image, each a class of the data set; else a one-line error naming the file."""
+    if len(labels) != len(images):
+        raise UserError(f"{name} {split} set has {len(images)} images but {len(labels)} labels ({path}): {fix}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise UserError(f"{path} has label {bad[0]}, outside the classes 0..{num_classes - 1} of {name}: {fix}")
 
 
 def first_per_class(labels, n):
@@ -191,13 +244,24 @@ def first_per_class(labels, n):
 def load_data(dataset_name, data_dir="~/data", sample_size=None, SOTA=False):
     if dataset_name not in DATASETS:
         raise UserError(f"unknown dataset {dataset_name!r}; choose one of {', '.join(DATASETS)}")
-    read, (mean, std), augmentable = DATASETS[dataset_name]
-    x_train, y_train, x_test, y_test = read(os.path.expanduser(data_dir))
+    spec = DATASETS[dataset_name]
+    root = os.path.expanduser(data_dir)
+    x_train, y_train, x_test, y_test = spec.read(root)
+    # mini-ImageNet's reader numbers the classes of its caches 0..C-1, each with training images
+    K = spec.num_classes or len(np.unique(y_train))
+    train_file, test_file = (os.path.join(root, f) for f in spec.label_files)
+    _check_labels(dataset_name, "training", x_train, y_train, K, train_file, spec.fix)
+    _check_labels(dataset_name, "test", x_test, y_test, K, test_file, spec.fix)
+    # NC metrics need every class mean; a test set may lack a class (accuracy is still defined)
+    empty = np.flatnonzero(np.bincount(y_train, minlength=K) == 0)
+    if len(empty):
+        raise UserError(f"{dataset_name} training set has no image of class {', '.join(map(str, empty))} "
+                        f"(it has {K} classes, 0..{K - 1}; labels in {train_file}): {spec.fix}")
     if sample_size is not None:
         keep = first_per_class(y_train, sample_size)
         x_train, y_train = x_train[keep], y_train[keep]
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, augment=SOTA and augmentable)
+    mean, std = spec.stats
+    return ImageData(x_train, y_train, x_test, y_test, K, mean, std, augment=SOTA and spec.augmentable)
 
 
 # ---------------------------------------------------------------------------- the torchvision path

@@ -47,8 +47,15 @@ def fake_mnist(tmp_path):
 
 
 @pytest.fixture
-def fake_cifar10(tmp_path):
-    """(data_dir, arrays): 5 training (one per batch file) and 2 test images per class."""
+def no_cifar10_checksums(monkeypatch):
+    """torchvision accepts the tests' small CIFAR-10 files for this test (see fake_data.skip_cifar10_checksums)."""
+    fake_data.skip_cifar10_checksums(monkeypatch.setattr)
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, no_cifar10_checksums):
+    """(data_dir, arrays): 5 training (one per batch file) and 2 test images per class; torchvision's
+    checksums are skipped for the test."""
     root = tmp_path / "cifar_data"
     return str(root), fake_data.write_cifar10(str(root))
 

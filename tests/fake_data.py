@@ -6,12 +6,15 @@
   'image_data' (N, 84, 84, 3) uint8 and 'class_dict' {wnid: [indices into image_data]}
 
 Every writer returns the arrays it wrote, so a test can compare what a loader yields with them.
+torchvision checks the CIFAR-10 files against the md5 sums of the real ones, which the small copies
+cannot match: a test that reads them turns that check off with `skip_cifar10_checksums`.
 Images carry a per-image stamp in their first pixels so that a test can tell them apart after a
 shuffle (see `stamp` / `read_stamp`).
 """
 import os
 import pickle
 import struct
+import sys
 
 import numpy as np
 
@@ -68,6 +71,11 @@ def write_mnist(root, train_per_class=3, test_per_class=2, num_classes=10, seed=
     return out
 
 
+def rewrite_mnist_labels(root, name, labels):
+    """Replace the labels file `name` (e.g. "train-labels-idx1-ubyte") with `labels`, header included."""
+    _write_idx(os.path.join(root, "MNIST", "raw", name), np.asarray(labels))
+
+
 # ---------------------------------------------------------------------------- CIFAR-10
 
 def write_cifar10(root, per_class_per_batch=1, test_per_class=2, num_classes=10, seed=0):
@@ -102,6 +110,45 @@ def write_cifar10(root, per_class_per_batch=1, test_per_class=2, num_classes=10,
                      "num_vis": 3072}, f, protocol=2)
     return {"train_images": np.concatenate(train_images), "train_labels": np.concatenate(train_labels),
             "test_images": test[0], "test_labels": test[1]}
+
+
+def rewrite_cifar10_labels(root, name, labels):
+    """Replace the labels in the pickle `name` (e.g. "test_batch"), leaving its images as they are."""
+    path = os.path.join(root, "cifar-10-batches-py", name)
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    entry["labels"] = [int(v) for v in labels]
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def skip_cifar10_checksums(set_attribute):
+    """Make torchvision accept any CIFAR-10 file that exists, through `set_attribute`: monkeypatch.setattr,
+    so that the check is back when the test ends, or setattr in a process of its own.
+
+    The product keeps torchvision's md5 check, so users cannot train on a damaged download; tests
+    need it off because their small files cannot carry the real checksums."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.utils
+
+    def exists(path, md5=None):
+        return os.path.isfile(path)
+    # cifar imported its own reference to the function, and datasets.py calls the one in utils
+    for module in (torchvision.datasets.utils, torchvision.datasets.cifar):
+        set_attribute(module, "check_integrity", exists)
+
+
+def python_skipping_cifar10_checksums():
+    """The start of a command line that runs `script args...` as `python script args...` would, but
+    with `skip_cifar10_checksums` applied first: for subprocesses that read fake CIFAR-10 files."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import os, runpy, sys; "
+            f"sys.path.insert(0, {tests!r}); import fake_data; sys.path.remove({tests!r}); "
+            "fake_data.skip_cifar10_checksums(setattr); "
+            # what `python script` puts first on sys.path (with -c it is the working directory)
+            "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", code]
 
 
 # ---------------------------------------------------------------------------- mini-ImageNet

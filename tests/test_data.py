@@ -1,6 +1,8 @@
-"""Data sets (SPEC.md section 4), read from tiny copies written in the real on-disk formats."""
+"""The data sets of the paper: how each is read, split, sampled, normalised and augmented, and how bad
+files are refused; all from tiny copies written in the real on-disk formats."""
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 
 import datasets
 import fake_data
+from conftest import REPO
 from utils import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -202,7 +205,7 @@ def test_cifar10_random_labels_balanced_stored_and_reused(fake_cifar10, monkeypa
     assert fake_data.snapshot_tree(folder) == stored
 
 
-def test_cifar10_random_labels_do_not_depend_on_the_global_seed(tmp_path):
+def test_cifar10_random_labels_do_not_depend_on_the_global_seed(tmp_path, no_cifar10_checksums):
     labels = []
     for i, seed in enumerate((0, 1)):
         root = str(tmp_path / f"copy{i}")
@@ -295,7 +298,7 @@ def test_mnist_missing_files_named(tmp_path):
     assert_untouched(root, before)
 
 
-def test_cifar10_missing_files_named(tmp_path):
+def test_cifar10_missing_files_named(tmp_path, no_cifar10_checksums):
     root = str(tmp_path / "d")
     fake_data.write_cifar10(root)
     os.remove(os.path.join(root, "cifar-10-batches-py", "data_batch_4"))
@@ -330,7 +333,7 @@ def test_mnist_truncated_file(tmp_path):
     assert_untouched(root, before)
 
 
-def test_cifar10_truncated_file(tmp_path):
+def test_cifar10_truncated_file(tmp_path, no_cifar10_checksums):
     root = str(tmp_path / "d")
     fake_data.write_cifar10(root)
     path = os.path.join(root, "cifar-10-batches-py", "data_batch_3")
@@ -363,3 +366,168 @@ def test_mini_imagenet_cache_without_its_keys(tmp_path):
         pickle.dump({"images": np.zeros((1, 84, 84, 3), np.uint8)}, f)
     with pytest.raises(UserError, match="mini-imagenet-cache-test.pkl"):
         make("mini_imagenet", str(tmp_path))
+
+
+def test_data_dir_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fake_data.write_mnist(str(tmp_path / "d"))
+    assert len(datasets.load_data("mnist", "~/d").train_labels) == 30
+
+
+# ---------------------------------------------------------------------------- torchvision's CIFAR-10 checksums
+
+def refused(name, root, *words):
+    """The one-line UserError of load_data, which names every word in `words`; the files are left as they were."""
+    before = fake_data.snapshot_tree(root)
+    with pytest.raises(UserError) as e:
+        datasets.load_data(name, root)
+    message = str(e.value)
+    assert "\n" not in message
+    for word in words:
+        assert str(word) in message
+    assert_untouched(root, before)
+    return message
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar10_random"])
+def test_cifar10_checksums_stay_on_for_users(tmp_path, name):
+    """Files that are not the official release (here the small fakes) are refused, each named."""
+    root = str(tmp_path / "d")
+    fake_data.write_cifar10(root)
+    message = refused(name, root, root, "checksum", "replace", "delete", *fake_data.CIFAR10_BATCHES, "batches.meta")
+    assert "download=True" not in message  # torchvision's advice to programmers is no use to a user
+    assert not os.path.exists(os.path.join(root, "cifar10_random_label"))  # nothing drawn from refused data
+
+
+def test_subprocesses_can_read_the_fake_cifar10(tmp_path):
+    """python_skipping_cifar10_checksums runs a script, with its arguments, as `python script` would."""
+    root = str(tmp_path / "d")
+    fake_data.write_cifar10(root)
+    script = tmp_path / "count.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {REPO!r})\nimport datasets\n"
+                      "print(__name__, sys.path[1] == sys.argv[0].rsplit('/', 1)[0],\n"
+                      "      len(datasets.load_data('cifar10', sys.argv[1]).train_labels))\n")
+    out = subprocess.run(fake_data.python_skipping_cifar10_checksums() + [str(script), root], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["__main__", "True", "50"]  # run as a script, from its own folder
+
+
+# ---------------------------------------------------------------------------- labels that do not fit
+
+MNIST_TRAIN_LABELS, MNIST_TEST_LABELS = "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mnist_label_outside_the_classes(fake_mnist, split):
+    root, arrays = fake_mnist
+    labels = arrays[f"{split}_labels"].copy()
+    labels[4] = 12
+    name = MNIST_TRAIN_LABELS if split == "train" else MNIST_TEST_LABELS
+    fake_data.rewrite_mnist_labels(root, name, labels)
+    refused("mnist", root, name, "label 12", "0..9", "replace")
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "test_batch"])
+def test_cifar10_label_outside_the_classes(fake_cifar10, name):
+    root, arrays = fake_cifar10
+    labels = arrays["test_labels"].copy() if name == "test_batch" else np.arange(10)
+    labels[1] = 12
+    fake_data.rewrite_cifar10_labels(root, name, labels)
+    refused("cifar10", root, "data_batch_1..5" if name.startswith("data") else name, "label 12", "0..9", "replace")
+
+
+@pytest.mark.parametrize("name, count", [(MNIST_TRAIN_LABELS, 25), (MNIST_TEST_LABELS, 21)])
+def test_mnist_labels_must_count_the_images(fake_mnist, name, count):
+    """The header of a labels file says how many labels it holds; torchvision does not compare that with the images."""
+    root, arrays = fake_mnist
+    images = 30 if name == MNIST_TRAIN_LABELS else 20
+    fake_data.rewrite_mnist_labels(root, name, np.arange(count) % 10)
+    refused("mnist", root, name, f"{images} images but {count} labels")
+
+
+def test_cifar10_labels_must_count_the_images(fake_cifar10):
+    root, _ = fake_cifar10
+    fake_data.rewrite_cifar10_labels(root, "data_batch_2", np.arange(9))
+    refused("cifar10", root, "data_batch_1..5", "50 images but 49 labels")
+
+
+def test_a_class_without_training_images_is_refused(fake_mnist):
+    """The number of classes is the data set's, not the largest label + 1; NC needs every class's mean."""
+    root, arrays = fake_mnist
+    labels = arrays["train_labels"].copy()
+    labels[labels == 3] = 4
+    fake_data.rewrite_mnist_labels(root, MNIST_TRAIN_LABELS, labels)
+    refused("mnist", root, MNIST_TRAIN_LABELS, "no image of class 3", "10 classes")
+
+
+def test_cifar10_with_its_last_class_missing_is_refused(tmp_path, no_cifar10_checksums):
+    root = str(tmp_path / "d")
+    fake_data.write_cifar10(root, num_classes=9)
+    refused("cifar10", root, "no image of class 9", "data_batch_1..5")
+
+
+def test_a_test_set_without_some_class_loads(fake_mnist):
+    root, arrays = fake_mnist
+    labels = arrays["test_labels"].copy()
+    labels[labels == 9] = 0
+    fake_data.rewrite_mnist_labels(root, MNIST_TEST_LABELS, labels)
+    data = datasets.load_data("mnist", root)
+    assert data.num_classes == 10 and data.test_labels.tolist() == labels.tolist()
+
+
+def test_number_of_classes_is_the_data_sets(fake_mnist, fake_mini_imagenet):
+    assert datasets.load_data("mnist", fake_mnist[0], sample_size=1).num_classes == 10
+    assert datasets.load_data("mnist_sample", sample_size=1).num_classes == 10
+    assert datasets.load_data("mini_imagenet", fake_mini_imagenet[0], sample_size=1).num_classes == 4
+
+
+# ---------------------------------------------------------------------------- the stored cifar10_random labels
+
+def pickled(obj):
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+GOOD_RANDOM_LABELS = {"train": np.arange(50) % 10, "test": np.arange(20) % 10}
+BAD_RANDOM_LABELS = {
+    "truncated": pickled(GOOD_RANDOM_LABELS)[:100],
+    "not a pickle": b"labels: 3 1 4 1 5\n",
+    "empty": b"",
+    "a list": pickled([GOOD_RANDOM_LABELS["train"], GOOD_RANDOM_LABELS["test"]]),
+    "no test key": pickled({"train": GOOD_RANDOM_LABELS["train"]}),
+    "float labels": pickled({"train": np.arange(50) / 5.0, "test": np.arange(20) % 10}),
+    "string labels": pickled({"train": ["cat"] * 50, "test": np.arange(20) % 10}),
+    "ragged": pickled({"train": [[1, 2], [3]], "test": np.arange(20) % 10}),
+    "2-D": pickled({"train": np.zeros((50, 1), np.int64), "test": np.arange(20) % 10}),
+    "label 10": pickled({"train": np.arange(50) % 11, "test": np.arange(20) % 10}),
+    "label -1": pickled({"train": np.arange(50) % 10, "test": np.arange(20) % 10 - 1}),
+}
+
+
+def write_random_labels(root, content):
+    path = os.path.join(root, "cifar10_random_label", "labels.pkl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+@pytest.mark.parametrize("damage", list(BAD_RANDOM_LABELS))
+def test_damaged_random_labels_file(fake_cifar10, damage):
+    root, _ = fake_cifar10
+    path = write_random_labels(root, BAD_RANDOM_LABELS[damage])
+    refused("cifar10_random", root, path, "delete it to draw the labels again")
+
+
+def test_random_labels_of_another_size(fake_cifar10):
+    root, _ = fake_cifar10
+    path = write_random_labels(root, pickled({"train": np.arange(49) % 10, "test": np.arange(20) % 10}))
+    refused("cifar10_random", root, path, "49/20", "50/20", "delete it to draw new labels")
+
+
+def test_good_random_labels_file_is_used(fake_cifar10):
+    root, _ = fake_cifar10
+    write_random_labels(root, pickled(GOOD_RANDOM_LABELS))
+    data = datasets.load_data("cifar10_random", root)
+    assert data.train_labels.tolist() == GOOD_RANDOM_LABELS["train"].tolist() and data.train_labels.dtype == np.int64
+    assert data.test_labels.tolist() == GOOD_RANDOM_LABELS["test"].tolist()

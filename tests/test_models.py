@@ -1,10 +1,14 @@
-"""Shapes, parameter counts and the fixed simplex-ETF classifier of the networks (SPEC.md section 3)."""
+"""The networks: shapes, parameter counts, initial weights (bit for bit those of torchvision and of the
+authors' torchvision-based ResNets for the same seed), and the fixed simplex-ETF classifier."""
 import argparse
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
+import torchvision.models.resnet as tvr
 
 import models
 from args import train_parser
@@ -149,12 +153,157 @@ def test_build_model_other_class_counts():
 @pytest.mark.parametrize("SOTA, ETF_fc, fixdim, expected", [
     (True, False, 0, 11_173_962), (True, True, 0, 11_168_842), (True, False, 10, 8_859_862), (True, True, 10, 8_859_762),
     (False, False, 0, 11_181_642), (False, True, 0, 11_176_522), (False, False, 10, 8_867_542), (False, True, 10, 8_867_442),
+    # fixdim at the natural width still adds the last block's 1x1 conv + BN shortcut: 512 * 512 + 2 * 512 more
+    (True, False, 512, 11_437_130), (False, False, 512, 11_444_810),
 ])
 def test_resnet18_trainable_parameter_counts(SOTA, ETF_fc, fixdim, expected):
     model = models.resnet18(num_classes=K, fc_bias=True, ETF_fc=ETF_fc, fixdim=fixdim, SOTA=SOTA)
     assert n_trainable(model) == expected
     flags = ["--SOTA"] * SOTA + ["--ETF_fc"] * ETF_fc + ["--fixdim", str(fixdim)]
     assert n_trainable(cli_model(*flags)) == expected
+
+
+@pytest.mark.parametrize("name, d", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_fixdim_at_natural_width_still_projects_the_last_shortcut(name, d):
+    """--fixdim 512 (2048 for ResNet-50) is not the plain network: the last block gets a 1x1 conv + BN shortcut."""
+    fixed = getattr(models, name)(num_classes=K, fixdim=d, SOTA=True)
+    plain = getattr(models, name)(num_classes=K, SOTA=True)
+    shortcut = fixed.layer4[-1].downsample
+    assert plain.layer4[-1].downsample is None and shortcut is not None
+    conv, bn = shortcut
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (d, d, (1, 1), (1, 1))
+    assert conv.bias is None and bn.num_features == d
+    # only the last block changes: the other blocks of layer4 keep torchvision's shortcuts
+    assert [b.downsample is None for b in fixed.layer4[:-1]] == [b.downsample is None for b in plain.layer4[:-1]]
+    assert fixed.fc.in_features == d
+
+
+# ---------------------------------------------------------------------------- initial weights
+
+def assert_same_tensors(ours, ref):
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b)  # torchvision's names, in its order
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:5]}"
+    assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in ref.parameters()]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_plain_resnets_start_from_torchvision_weights(name):
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ours = getattr(models, name)(num_classes=K)
+        torch.manual_seed(seed)
+        ref = getattr(torchvision.models, name)(num_classes=K)
+        assert_same_tensors(ours, ref)
+
+
+class FixdimBasicBlock(tvr.BasicBlock):
+    """torchvision's BasicBlock, modules created in its order, with conv2 and bn2 d wide (stride 1)."""
+
+    def __init__(self, inplanes, planes, d, downsample):
+        nn.Module.__init__(self)
+        self.conv1, self.bn1 = tvr.conv3x3(inplanes, planes), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = tvr.conv3x3(planes, d), nn.BatchNorm2d(d)
+        self.downsample, self.stride = downsample, 1
+
+
+class FixdimBottleneck(tvr.Bottleneck):
+    """torchvision's Bottleneck, modules created in its order, with conv3 and bn3 d wide (stride 1)."""
+
+    def __init__(self, inplanes, planes, d, downsample):
+        nn.Module.__init__(self)
+        self.conv1, self.bn1 = tvr.conv1x1(inplanes, planes), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = tvr.conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = tvr.conv1x1(planes, d), nn.BatchNorm2d(d)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample, self.stride = downsample, 1
+
+
+class AuthorsResNet(tvr.ResNet):
+    """The authors' ResNet, built by torchvision's own constructor with their changes put in where they made
+    them, so that the global generator is drawn from in the same order and amounts:
+    - SOTA: the stem conv is created 3x3 stride 1 instead of 7x7 stride 2 (by intercepting its creation,
+      not by replacing it afterwards, which would draw for a 7x7 kernel first); the max-pool is skipped;
+    - fixdim=d: layer4's last block is created with d outputs, right after its 1x1 conv + BN shortcut (as
+      torchvision creates a downsample before its block), and fc, torchvision's only Linear, is Linear(d, K);
+    - fc_bias=False: fc is created without a bias;
+    - ETF_fc: after torchvision's init loop, fc.weight is replaced by the simplex ETF and frozen.
+    """
+
+    def __init__(self, block, layers, num_classes, fc_bias=True, ETF_fc=False, fixdim=0, SOTA=False):
+        conv_init, linear_init = nn.Conv2d.__init__, nn.Linear.__init__
+
+        def conv(m, cin, cout, kernel_size, stride=1, padding=0, **kw):
+            if SOTA and kernel_size == 7:  # the stem, torchvision's only 7x7 conv
+                kernel_size, stride, padding = 3, 1, 1
+            conv_init(m, cin, cout, kernel_size, stride, padding, **kw)
+
+        def linear(m, in_features, out_features, bias=True, **kw):
+            linear_init(m, fixdim or in_features, out_features, fc_bias, **kw)
+
+        self.__dict__["fixdim"] = fixdim  # read by _make_layer, which runs inside torchvision's __init__
+        with mock.patch.object(nn.Conv2d, "__init__", conv), mock.patch.object(nn.Linear, "__init__", linear):
+            super().__init__(block, layers, num_classes=num_classes)
+        if SOTA:
+            self.maxpool = nn.Identity()
+        if ETF_fc:
+            C, d = num_classes, self.fc.in_features
+            etf = math.sqrt(C / (C - 1)) * (torch.eye(C) - torch.full((C, C), 1.0 / C))  # (C, C)
+            self.fc.weight = nn.Parameter(etf @ torch.eye(C, d), requires_grad=False)  # [etf, 0]
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        d = self.fixdim
+        if planes != 512 or not d:
+            return super()._make_layer(block, planes, blocks, stride, dilate)
+        first = super()._make_layer(block, planes, blocks - 1, stride, dilate)
+        downsample = nn.Sequential(tvr.conv1x1(self.inplanes, d), nn.BatchNorm2d(d))
+        last = {tvr.BasicBlock: FixdimBasicBlock, tvr.Bottleneck: FixdimBottleneck}[block]
+        last = last(self.inplanes, planes, d, downsample)
+        self.inplanes = d
+        return nn.Sequential(*first, last)
+
+
+ARCHS = {"resnet18": (tvr.BasicBlock, [2, 2, 2, 2]), "resnet34": (tvr.BasicBlock, [3, 4, 6, 3]),
+         "resnet50": (tvr.Bottleneck, [3, 4, 6, 3])}
+
+
+@pytest.mark.parametrize("name, SOTA, fixdim, ETF_fc, fc_bias", [
+    ("resnet18", False, 0, False, True),  # the reference itself: torchvision's network
+    ("resnet18", True, 0, False, True), ("resnet18", True, 0, True, True), ("resnet18", False, 0, True, False),
+    ("resnet18", True, 10, False, True), ("resnet18", True, 10, True, True), ("resnet18", False, 10, True, False),
+    ("resnet18", True, 512, False, True), ("resnet18", True, 512, True, True), ("resnet18", False, 512, False, False),
+    ("resnet34", True, 512, False, True), ("resnet50", True, 2048, True, True), ("resnet50", False, 10, False, True),
+])
+def test_resnets_start_from_the_authors_weights(name, SOTA, fixdim, ETF_fc, fc_bias):
+    flags = dict(fc_bias=fc_bias, ETF_fc=ETF_fc, fixdim=fixdim, SOTA=SOTA)
+    torch.manual_seed(3)
+    ours = getattr(models, name)(num_classes=K, **flags)
+    torch.manual_seed(3)
+    ref = AuthorsResNet(*ARCHS[name], num_classes=K, **flags)
+    assert_same_tensors(ours, ref)
+    # and the same function: the shortcut and the skipped max-pool are wired alike
+    x = tiny_input(SOTA)
+    with torch.no_grad():
+        logits, h = ours.eval()(x)
+        torch.testing.assert_close(logits, ref.eval()(x))
+    assert h.shape == (2, fixdim or ref.fc.in_features)
+
+
+def test_resnet18_adapt_keeps_default_init():
+    """PyTorch's default init draws conv and linear weights from U(-b, b), b = 1/sqrt(fan_in)
+    (kaiming_uniform with a = sqrt(5)); the ResNets' Kaiming-normal init (std sqrt(2/fan_out)) would exceed b."""
+    model = models.ResNet18_adapt(width=4, num_classes=K, fc_bias=True)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            assert m.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+    conv = model.layer4[1].conv2  # 32 -> 32, 3x3: the largest kernel
+    assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 32 * 9), rel=0.05)  # U(-b, b): std b/sqrt(3)
+    # BatchNorm's defaults: weight 1, bias 0
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0)
+               for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 # ---------------------------------------------------------------------------- the simplex ETF head
