@@ -138,19 +138,6 @@ def skip_cifar10_checksums(set_attribute):
         set_attribute(module, "check_integrity", exists)
 
 
-def python_skipping_cifar10_checksums():
-    """The start of a command line that runs `script args...` as `python script args...` would, but
-    with `skip_cifar10_checksums` applied first: for subprocesses that read fake CIFAR-10 files."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    code = ("import os, runpy, sys; "
-            f"sys.path.insert(0, {tests!r}); import fake_data; sys.path.remove({tests!r}); "
-            "fake_data.skip_cifar10_checksums(setattr); "
-            # what `python script` puts first on sys.path (with -c it is the working directory)
-            "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    return [sys.executable, "-c", code]
-
-
 # ---------------------------------------------------------------------------- mini-ImageNet
 
 def write_mini_imagenet(root, classes=(2, 1, 1), per_class=600, seed=0):

@@ -12,6 +12,7 @@ from PIL import Image
 
 import datasets
 import fake_data
+import harness
 from conftest import REPO
 from utils import UserError
 
@@ -400,14 +401,14 @@ def test_cifar10_checksums_stay_on_for_users(tmp_path, name):
 
 
 def test_subprocesses_can_read_the_fake_cifar10(tmp_path):
-    """python_skipping_cifar10_checksums runs a script, with its arguments, as `python script` would."""
+    """tests/harness.py runs a script, with its arguments, as `python script` would, accepting fake CIFAR-10."""
     root = str(tmp_path / "d")
     fake_data.write_cifar10(root)
     script = tmp_path / "count.py"
     script.write_text(f"import sys\nsys.path.insert(0, {REPO!r})\nimport datasets\n"
                       "print(__name__, sys.path[1] == sys.argv[0].rsplit('/', 1)[0],\n"
                       "      len(datasets.load_data('cifar10', sys.argv[1]).train_labels))\n")
-    out = subprocess.run(fake_data.python_skipping_cifar10_checksums() + [str(script), root], cwd=REPO,
+    out = subprocess.run(harness.command(script, root), cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["__main__", "True", "50"]  # run as a script, from its own folder

@@ -1,7 +1,7 @@
 """Runs that survive being killed, diverging and bad input.
 
 Atomic writes, --resume from the last complete epoch, a clean stop on a non-finite loss and a
-resumable validate_NC.py. Killed runs are subprocesses started through tests/faults.py, which
+resumable validate_NC.py. Killed runs are subprocesses started through tests/harness.py, which
 SIGKILLs them at a chosen instant; they are all started at once by one module fixture, because
 each pays the torch import. Uninterrupted references and the resumes run in this process.
 "Bitwise" means torch.equal on every tensor of every epoch_NNN.pth (and of last.pth).
@@ -20,12 +20,13 @@ import pytest
 import torch
 
 import fake_data
+import harness
 import rundir
 import train_1st_order
 import train_2nd_order
 import utils
 import validate_NC
-from conftest import REPO, TESTS
+from conftest import REPO
 
 EPOCHS = 4
 BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
@@ -44,7 +45,7 @@ KINDS = {
     "augmented": ("train_1st_order.py", train_1st_order.main, AUGMENTED + ["--loader", "device"]),
 }
 data_dirs = {}  # CIFAR10_DIR -> the folder the fixture wrote
-# Renames of a fresh run (the before_rename@n count of tests/faults.py): 1 args.json, then per epoch e
+# Renames of a fresh run (the before_rename@n count of tests/harness.py): 1 args.json, then per epoch e
 # 2e epoch_00e.pth and 2e+1 last.pth. A resumed run starts counting at its first checkpoint.
 KILLS = {
     # name: (kind, the fault of each killed process in turn (the 2nd and later run with --resume),
@@ -74,12 +75,11 @@ def argv(kind, save_dir, uid, *extra):
 
 
 def spawn(script, args, log, fault=None):
-    """Start a script, killed at `fault` (see tests/faults.py) if given; its output goes to the file
-    `log` (a pipe nobody reads could fill and stall it)."""
+    """Start a script through tests/harness.py, killed at `fault` if given; its output goes to the
+    file `log` (a pipe nobody reads could fill and stall it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the same sums as this process (one thread, below)
-    command = [os.path.join(TESTS, "faults.py"), fault, script] if fault else [script]
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable] + command + args, cwd=REPO, env=env, stdout=out,
+        proc = subprocess.Popen(harness.command(script, *args, kill=fault), cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     proc.log = log
     return proc
@@ -103,6 +103,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        fake_data.skip_cifar10_checksums(mp.setattr)  # the fake CIFAR-10 files, read in this process
+        yield make_runs(tmp_path_factory)
+
+
+def make_runs(tmp_path_factory):
     """Start every killed run, make the uninterrupted references meanwhile, and wait.
 
     Returns a dict: 'ref' {kind: run dir} (plus 'sgd6': 6 epochs), 'ref_info' (info.pkl and

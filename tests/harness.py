@@ -1,7 +1,9 @@
-"""Run a script of the repository and SIGKILL it at a chosen instant: crash safety tested from the
-outside, with nothing in the product that knows about it.
+"""Run a script of the repository as `python SCRIPT ARGS...` would, under test conditions: the
+tests' small CIFAR-10 files are accepted (see fake_data.skip_cifar10_checksums), and with --kill
+the process SIGKILLs itself at a chosen instant, so crash safety is tested from the outside with
+nothing in the product that knows about it.
 
-    python tests/faults.py FAULT SCRIPT [ARGUMENTS...]
+    python tests/harness.py [--kill FAULT] SCRIPT [ARGUMENTS...]
 
 FAULT is one of
     before_rename@N   right before the N-th file of this process is renamed into place
@@ -13,7 +15,13 @@ import runpy
 import signal
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def command(script, *arguments, kill=None):
+    """The command line that runs `script arguments...` through this harness."""
+    return [sys.executable, os.path.join(TESTS, "harness.py")] + (["--kill", kill] if kill else []) + \
+        [str(script)] + [str(a) for a in arguments]
 
 
 def die():
@@ -49,7 +57,7 @@ def kill_before_batch(epoch, batch):
     training.train_one_epoch = train_one_epoch
 
 
-def install(fault):
+def kill_at(fault):
     if fault.startswith("before_rename"):
         _, _, n = fault.partition("@")
         kill_before_rename(int(n or 1))
@@ -61,8 +69,15 @@ def install(fault):
 
 
 if __name__ == "__main__":
-    fault, script, *arguments = sys.argv[1:]
-    sys.path.insert(0, REPO)
-    install(fault)
-    sys.argv = [script] + arguments
-    runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    arguments = sys.argv[1:]
+    fault = None
+    if arguments[:1] == ["--kill"]:
+        fault, arguments = arguments[1], arguments[2:]
+    import fake_data  # from this folder, the first on sys.path now
+    fake_data.skip_cifar10_checksums(setattr)
+    script = os.path.abspath(arguments[0])
+    sys.argv = arguments
+    sys.path[0] = os.path.dirname(script)  # what `python script` puts first
+    if fault:
+        kill_at(fault)
+    runpy.run_path(script, run_name="__main__")
