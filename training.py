@@ -116,24 +116,6 @@ def make_objective(args, model, criterion):
     return objective
 
 
-def build_on_device(args, num_classes, device):
-    """(model, channels_last): the network the arguments describe, on `device`. On a GPU a
-    convolutional model is kept channels_last, the layout its convolutions run fastest in, and
-    cuDNN picks its fastest algorithms; --deterministic sets cuDNN as the authors did instead."""
-    try:
-        model = models.build_model(args, num_classes).to(device)
-    except ValueError as e:  # e.g. --ETF_fc with a feature dimension below the number of classes
-        raise UserError(str(e))
-    deterministic = getattr(args, "deterministic", False)
-    channels_last = device.type == "cuda" and args.model != "MLP" and not deterministic
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-    return model, channels_last
-
-
 # ---------------------------------------------------------------------------- may this run start?
 
 def check_run_dir(args, given):
@@ -210,7 +192,7 @@ def main(args, make_step, optimizers, given=()):
 def train(args, step, device, run_dir):
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
-    model, channels_last = build_on_device(args, data.num_classes, device)
+    model, channels_last = models.build_on_device(args, data.num_classes, device)
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(args, optimizer)
     objective = make_objective(args, model, make_criterion(args, data.num_classes))

@@ -24,7 +24,6 @@ import models
 import nc
 import rundir
 from args import MODEL_FLAGS, explicit_args, validate_parser
-from training import build_on_device
 from utils import UserError, all_finite, get_device, run_main
 
 # Raise when the numbers a result holds change meaning: stored results of another version are recomputed.
@@ -164,7 +163,7 @@ def main(argv=None):
 
 def validate(args, run_dir, checkpoints, device):
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
-    model, channels_last = build_on_device(args, data.num_classes, device)
+    model, channels_last = models.build_on_device(args, data.num_classes, device)
     train_loader, test_loader = datasets.make_loaders(data, args.batch_size, device, args.loader, train=False,
                                                       num_workers=args.num_workers, channels_last=channels_last)
     key = {"version": METRIC_VERSION, "data": data_key(data),

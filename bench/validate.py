@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
+import models  # noqa: E402
 from args import add_model_args  # noqa: E402
-from training import build_on_device  # noqa: E402
 from validate_NC import TrainingSetMetrics, last_layer, training_set_metrics  # noqa: E402
 
 
@@ -171,7 +171,7 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     images, labels, (mean, std), K = get_data(args)
-    model, channels_last = build_on_device(args, K, device)
+    model, channels_last = models.build_on_device(args, K, device)
     model.eval()
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, map_location=device))
