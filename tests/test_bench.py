@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

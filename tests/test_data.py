@@ -400,6 +400,7 @@ def test_cifar10_checksums_stay_on_for_users(tmp_path, name):
     assert not os.path.exists(os.path.join(root, "cifar10_random_label"))  # nothing drawn from refused data
 
 
+@pytest.mark.slow
 def test_subprocesses_can_read_the_fake_cifar10(tmp_path):
     """tests/harness.py runs a script, with its arguments, as `python script` would, accepting fake CIFAR-10."""
     root = str(tmp_path / "d")

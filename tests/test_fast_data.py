@@ -116,6 +116,7 @@ def test_bf16_autocast_run_finishes(tiny_argv):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on the CPU needs a C compiler, and none is on PATH")
+@pytest.mark.slow
 def test_compiled_run_finishes(tiny_argv):
     import train_1st_order
     run_dir = train_1st_order.main(tiny_argv("compiled", "--compile", "--epochs", "1"))

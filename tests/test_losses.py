@@ -31,12 +31,10 @@ def test_mse_is_the_mean_over_all_B_times_K_entries():
 
 
 def test_rescaled_mse_formula():
-    M, k, K = 3.0, 2.0, 3
-    # per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2]
-    s0 = (k * (2.0 - M) ** 2 + 1.0 ** 2 + 0.0 ** 2) / K  # (2 + 1) / 3 = 1
-    s1 = (k * (3.0 - M) ** 2 + 0.5 ** 2 + 1.0 ** 2) / K  # 1.25 / 3
-    expected = (s0 + s1) / 2
-    assert expected == pytest.approx((1 + 1.25 / 3) / 2)
+    # per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2], with M = 3, k = 2, K = 3, worked by hand:
+    # sample 0 (y = 1, z = (1, 2, 0)): (2 (2 - 3)^2 + 1 + 0) / 3 = 1
+    # sample 1 (y = 2, z = (0.5, 1, 3)): (2 (3 - 3)^2 + 0.25 + 1) / 3 = 1.25 / 3
+    expected = (1 + 1.25 / 3) / 2
     loss = criterion("--loss", "RescaledMSE", "--M", "3", "--k", "2")(Z, Y)
     assert loss.item() == pytest.approx(expected)
 

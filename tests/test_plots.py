@@ -84,6 +84,7 @@ def assert_figures(out_dir):
 
 # ---------------------------------------------------------------------------- figure scripts
 
+@pytest.mark.slow
 @pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
 def test_figure_script_draws_every_panel(figure, tmp_path):
     module = FIGURE_SCRIPTS[figure]
@@ -128,6 +129,7 @@ def test_unreadable_info_pkl(tmp_path):
         plot_utils.load_info(run_dir)
 
 
+@pytest.mark.slow
 def test_skip_missing_plots_the_rest(tmp_path, capsys):
     root, out = tmp_path / "runs", tmp_path / "out"
     write_runs(root, table(plot_k_rmse))
@@ -137,6 +139,7 @@ def test_skip_missing_plots_the_rest(tmp_path, capsys):
     assert "warning" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_flag_replaces_the_table(tmp_path):
     root, out = tmp_path / "runs", tmp_path / "out"
     write_run(root, "mine")
@@ -156,6 +159,7 @@ def test_default_out_dir_is_figures_script_name():
     assert a.root == "model_weights" and os.path.normpath(a.out_dir) == os.path.join("figures", "plot_dk_mse")
 
 
+@pytest.mark.slow
 def test_info_without_epochs_key_and_short_margins(tmp_path):
     info = fake_info(epochs=5, n_samples=7)
     del info["epochs"]
@@ -172,6 +176,7 @@ def test_markers_every_25_epochs():
 
 # ---------------------------------------------------------------------------- plot_runs.py
 
+@pytest.mark.slow
 def test_plot_runs_any_set(tmp_path, capsys):
     a, b = write_run(tmp_path, "run_a"), write_run(tmp_path, "run_b", seed=1, speed=2)
     out = tmp_path / "out"

@@ -28,6 +28,8 @@ import utils
 import validate_NC
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
+
 EPOCHS = 4
 BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
 RUN = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "20",

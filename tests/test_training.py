@@ -321,6 +321,7 @@ def subprocess_results(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_script_refuses_in_one_line(subprocess_results, case):
     rc, err, save_dir = subprocess_results[case]
@@ -329,7 +330,7 @@ def test_script_refuses_in_one_line(subprocess_results, case):
     assert len(lines) == 1, err
     assert "error" in lines[0].lower() and "Traceback" not in err
     assert SUBPROCESS_CASES[case][2] in lines[0]
-    assert not save_dir.exists() or not any(save_dir.iterdir())
+    assert not save_dir.exists()  # not even an empty folder
 
 
 @pytest.mark.parametrize("main, flags, needle", [
@@ -351,7 +352,7 @@ def test_script_refuses_in_one_line(subprocess_results, case):
 def test_bad_input_is_refused_before_anything_is_written(capsys, tiny_argv, main, flags, needle):
     message = refused(capsys, main, tiny_argv("bad", *flags))
     assert message.startswith("error") and needle in message
-    assert not tiny_argv.save_dir.exists() or not any(tiny_argv.save_dir.iterdir())
+    assert not tiny_argv.save_dir.exists()
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -364,17 +365,15 @@ def test_bad_input_is_refused_before_anything_is_written(capsys, tiny_argv, main
 def test_bad_numbers_are_refused_in_one_line(capsys, tiny_argv, flags, needle):
     message = refused(capsys, train_1st_order.main, tiny_argv("bad", *flags))
     assert needle in message
-    assert not tiny_argv.save_dir.exists() or not any(tiny_argv.save_dir.iterdir())
+    assert not tiny_argv.save_dir.exists()
 
 
 def test_a_last_batch_of_one_image_does_not_crash(capsys, tiny_argv):
-    argv = tiny_argv("batch1", "--batch_size", "33", "--epochs", "1")  # 10 classes x 10 images = 3 x 33 + 1
-    try:
-        run_dir = train_1st_order.main(argv)
-    except utils.UserError:  # refusing up front in one line would also do
-        assert not tiny_argv.save_dir.exists() or not any(tiny_argv.save_dir.iterdir())
-        return
-    check_checkpoints(run_dir, 1)
+    """BatchNorm cannot normalise a batch of one image: a last batch of one is dropped (it is a
+    different image every epoch, as the order is shuffled), and the run trains."""
+    argv = tiny_argv("batch1", "--batch_size", "33", "--epochs", "2")  # 10 classes x 10 images = 3 x 33 + 1
+    run_dir = train_1st_order.main(argv)
+    check_checkpoints(run_dir, 2)
 
 
 @pytest.mark.parametrize("main, flags", [(train_1st_order.main, []), (train_1st_order.main, ["--optimizer", "Adam"]),
@@ -397,14 +396,14 @@ def test_missing_data_is_refused_naming_files_and_folder(capsys, tiny_argv, tmp_
     assert "train-labels-idx1-ubyte" in message and str(data_dir) in message
     files, dirs = fake_data.snapshot_tree(data_dir)
     assert files == before[0]
-    assert not tiny_argv.save_dir.exists() or not any(tiny_argv.save_dir.iterdir())
+    assert not tiny_argv.save_dir.exists()
 
 
 def test_empty_data_folder_is_refused(capsys, tiny_argv, tmp_path):
     message = refused(capsys, train_2nd_order.main,
                       tiny_argv("nodata", "--dataset", "mini_imagenet", "--data_dir", str(tmp_path / "empty")))
     assert "mini-imagenet-cache-train.pkl" in message and str(tmp_path / "empty") in message
-    assert not tiny_argv.save_dir.exists() or not any(tiny_argv.save_dir.iterdir())
+    assert not tiny_argv.save_dir.exists()
 
 
 def test_truncated_data_is_refused(capsys, tiny_argv, tmp_path):
@@ -417,7 +416,7 @@ def test_truncated_data_is_refused(capsys, tiny_argv, tmp_path):
     message = refused(capsys, train_1st_order.main, tiny_argv("trunc", "--dataset", "mnist", "--data_dir", str(data_dir)))
     assert "truncated" in message and str(data_dir) in message
     assert fake_data.snapshot_tree(data_dir) == before
-    assert not tiny_argv.save_dir.exists() or not any(tiny_argv.save_dir.iterdir())
+    assert not tiny_argv.save_dir.exists()
 
 
 def test_fake_mnist_trains_through_the_script(tiny_argv, fake_mnist):
