@@ -145,9 +145,10 @@ def train_parser(default_optimizer="SGD", description=None):
     g.add_argument("--cuda_graph", action="store_true",
                    help="replay each training step as one CUDA graph (same numbers, far fewer kernel launches; "
                         "first-order optimizers on a GPU)")
-    g.add_argument("--deterministic", action="store_true",
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="cuDNN as the authors set it (deterministic algorithms, no autotuning, NCHW layout): "
-                        "bit-reproducible GPU runs, somewhat slower")
+                        "runs that repeat bit for bit on a GPU, somewhat slower; --no-deterministic on --resume "
+                        "switches it off again")
     return p
 
 

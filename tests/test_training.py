@@ -425,3 +425,25 @@ def test_fake_mnist_trains_through_the_script(tiny_argv, fake_mnist):
     run_dir = train_1st_order.main(tiny_argv("mnist", "--dataset", "mnist", "--data_dir", data_dir,
                                              "--sample_size", "3", "--batch_size", "10"))
     check_checkpoints(run_dir, 2)
+
+
+# ---------------------------------------------------------------------------- options
+
+def test_explicit_args_are_exactly_the_typed_options():
+    import args as args_module
+    parser = train_parser()
+    typed = args_module.explicit_args(parser, ["--ETF", "--no-bias", "--lr", "0.1", "--uid", "x", "--seed", "6"])
+    # an alias counts under its destination, store_false flags and values equal to the default count too
+    assert typed == {"ETF_fc": True, "bias": False, "lr": 0.1, "uid": "x", "seed": 6}
+    assert args_module.explicit_args(parser, []) == {}
+    assert parser.parse_args([]).lr == 0.1 and parser.get_default("lr") == 0.1  # the parser itself is unchanged
+
+
+def test_deterministic_changes_nothing_on_the_cpu_and_may_change_on_resume(tiny_argv):
+    plain = train_1st_order.main(tiny_argv("plain", "--epochs", "1"))
+    det = train_1st_order.main(tiny_argv("det", "--epochs", "1", "--deterministic"))
+    assert read_run(det)[0]["deterministic"] is True
+    a, b = (torch.load(os.path.join(d, "epoch_001.pth"), weights_only=True) for d in (plain, det))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train_1st_order.main(tiny_argv("det", "--resume", "--epochs", "2", "--no-deterministic"))  # allowed on resume
+    assert read_run(det)[0]["deterministic"] is False and os.path.isfile(os.path.join(det, "epoch_002.pth"))
