@@ -306,3 +306,19 @@ def test_runbook_run_stops_at_first_failure(tmp_path, monkeypatch, capsys):
     assert os.path.basename(calls[0][1]) == "train_1st_order.py" and os.path.basename(calls[1][1]) == "validate_NC.py"
     err = capsys.readouterr().err
     assert err.startswith("error: stopped") and err.count("\n") == 1
+
+
+def test_run_names_are_the_authors():
+    """The run directories the authors' plot scripts read, spelled out: runs.py derives them from the flags."""
+    assert runs.figure_runs("optim") == {
+        "SGD": "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_false",
+        "Adam": "cifar10_MSE_Adam_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_false",
+        "LBFGS": "cifar10_MSE_LBFGS_bias_true_batchsize_512_ETFfc_false_fixdim_false_sota_false",
+    }
+    assert runs.figure_runs("etf")["fixed ETF, $d=10$"] == \
+        "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_true_fixdim_10_sota_true"
+    assert runs.figure_runs("dk")["$d=512$"] == "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_512_sota_true"
+    assert runs.figure_runs("k")[r"$\alpha=15$"] == \
+        "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_1_k_15"
+    assert list(runs.figure_runs("M").values())[-1] == \
+        "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_10_k_1"

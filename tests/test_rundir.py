@@ -1,0 +1,95 @@
+"""The run directory's own rules (rundir.py), without training anything."""
+import os
+import pickle
+
+import pytest
+
+import rundir
+from utils import UserError
+
+
+def touch(path, data=b"x"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_only_the_names_written_here_are_checkpoints(tmp_path):
+    for name in ("epoch_001.pth", "epoch_1.pth", "epoch_0002.pth", "epoch_003.pth", "epoch_1000.pth",
+                 "epoch_004.pth.bak", ".tmp_epoch_005.pth.x", "last.pth"):
+        touch(str(tmp_path / name))
+    assert [e for e, _ in rundir.list_checkpoints(str(tmp_path))] == [1, 3, 1000]
+    assert [e for e, _ in rundir.list_checkpoints(str(tmp_path), max_epoch=3)] == [1, 3]
+    assert rundir.checkpoint_path("r", 7) == os.path.join("r", "epoch_007.pth")
+
+
+def test_state_of_a_run(tmp_path):
+    run = str(tmp_path / "run")
+    assert rundir.state(run, 2) == "new"
+    touch(os.path.join(run, rundir.ARGS), b"{}")
+    assert rundir.state(run, 2) == "partial"
+    touch(rundir.checkpoint_path(run, 2))
+    assert rundir.state(run, 2) == "trained"
+    with open(os.path.join(run, rundir.INFO), "wb") as f:
+        pickle.dump({"collapse_metric": [0.5], "epochs": [1]}, f)
+    assert rundir.state(run, 2) == "trained"  # info.pkl covers epoch 1 only
+    with open(os.path.join(run, rundir.INFO), "wb") as f:
+        pickle.dump({"collapse_metric": [0.5, 0.4], "epochs": [1, 2]}, f)
+    assert rundir.state(run, 2) == "done"
+
+
+@pytest.mark.parametrize("content, needle", [(b'{"model": "MLP", "data', "cannot read"), (b"[1, 2]", "not a run's"),
+                                             (b'{"x": 1}', "no model"), (b"", "cannot read")])
+def test_damaged_arguments_are_one_line_errors(tmp_path, content, needle):
+    touch(str(tmp_path / rundir.ARGS), content)
+    with pytest.raises(UserError, match=needle) as e:
+        rundir.read_args(str(tmp_path))
+    assert "\n" not in str(e.value) and rundir.ARGS in str(e.value)
+    assert rundir.read_args(str(tmp_path / "nothing")) is None
+
+
+def test_info_lists_of_different_lengths_are_refused(tmp_path):
+    with open(tmp_path / rundir.INFO, "wb") as f:
+        pickle.dump({"collapse_metric": [1, 2, 3], "ETF_metric": [1, 2], "epochs": [1, 2, 3]}, f)
+    with pytest.raises(ValueError, match="differ in length"):
+        rundir.read_info(str(tmp_path))
+    assert rundir.validated_epochs(str(tmp_path)) == set()
+
+
+def test_a_run_has_one_owner_at_a_time(tmp_path):
+    run = str(tmp_path / "run")
+    with rundir.locked(run):
+        # a second owner, even in this process (an flock belongs to an open file), is refused
+        with pytest.raises(UserError, match=f"being trained by another process \\(pid {os.getpid()}\\)"):
+            with rundir.locked(run):
+                pass
+        with rundir.locked(run, rundir.VALIDATE_LOCK, "validated"):  # validation has a lock of its own
+            pass
+    with rundir.locked(run):  # released when its owner is done (or dead: the kernel drops an flock)
+        pass
+
+
+def test_a_refused_start_leaves_no_folder_behind(tmp_path):
+    run = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(UserError):
+        with rundir.locked(str(run)):
+            raise UserError("refused")
+    assert not (tmp_path / "new").exists()
+    os.makedirs(run)
+    touch(str(run / "keep.txt"))
+    with pytest.raises(UserError):
+        with rundir.locked(str(run)):
+            raise UserError("refused")
+    assert sorted(os.listdir(run)) == [rundir.TRAIN_LOCK, "keep.txt"]  # what was there stays
+
+
+def test_a_file_in_the_way_is_named(tmp_path):
+    touch(str(tmp_path / "file"))
+    with pytest.raises(UserError, match="is a file"):
+        rundir.check_is_dir_or_absent(str(tmp_path / "file"), "--save_dir")
+    with pytest.raises(UserError, match="cannot create the run directory"):
+        with rundir.locked(str(tmp_path / "file" / "run")):
+            pass
+    touch(str(tmp_path / "run" / rundir.RESULTS))
+    with pytest.raises(UserError, match="move the file away"):
+        rundir.results_dir(str(tmp_path / "run"))
