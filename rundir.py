@@ -5,7 +5,8 @@
     epoch_NNN.pth    the model's state_dict after epoch NNN (three digits or more, zero-padded)
     last.pth         everything needed to resume: model, optimizer, scheduler, epoch, arguments and
                      random states; previous.pth is the one before it, kept in case last.pth is damaged
-    nc_results/      one pickle per validated checkpoint, keyed to everything its numbers depend on
+    nc_results/      one pickle per validated checkpoint: its newest results, each keyed to everything
+                     its numbers depend on (so validating on another copy of the data and back reuses them)
     info.pkl         the per-checkpoint results as lists in epoch order (the authors' format)
     test_log.txt     one line of NC1-NC4 and accuracies per validated checkpoint
     .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
@@ -33,6 +34,8 @@ ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "pre
 INFO, TEST_LOG, RESULTS = "info.pkl", "test_log.txt", "nc_results"
 TRAIN_LOCK, VALIDATE_LOCK = ".lock", ".validate.lock"
 CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
+# Results of one checkpoint kept under different keys (data, model flags, metric version): the newest.
+RESULTS_PER_CHECKPOINT = 4
 # What a process killed mid-save leaves behind: the temporary files of utils.atomic_write.
 STALE = (".tmp_*",)
 # Files of a run that --force removes before starting over (the locks stay: one is held).
@@ -142,20 +145,32 @@ def checkpoint_id(path):
     return st.st_size, st.st_mtime_ns
 
 
+def _stored_results(path):
+    """[(key, result)] stored in a checkpoint's results file, newest first ([] if missing or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        if "key" in saved:  # one result, as files held before several were kept
+            return [(saved["key"], saved["result"])]
+        return [(entry["key"], entry["result"]) for entry in saved["results"]]
+    except Exception:
+        return []
+
+
 def read_result(run_dir, epoch, key):
     """The stored result of a checkpoint, if it was computed under exactly `key` (None otherwise)."""
-    try:
-        with open(os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl"), "rb") as f:
-            saved = pickle.load(f)
-        return saved["result"] if saved["key"] == key else None
-    except Exception:
-        return None
+    stored = _stored_results(os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl"))
+    return next((result for k, result in stored if k == key), None)
 
 
 def write_result(run_dir, epoch, key, result):
+    """Store a checkpoint's result under `key`, beside the newest results under other keys (the
+    same checkpoint measured on another copy of the data, say), so that going back to them reuses them."""
     folder = results_dir(run_dir)
     os.makedirs(folder, exist_ok=True)
-    save_pickle({"key": key, "result": result}, os.path.join(folder, f"epoch_{epoch:03d}.pkl"))
+    path = os.path.join(folder, f"epoch_{epoch:03d}.pkl")
+    kept = [(key, result)] + [(k, r) for k, r in _stored_results(path) if k != key]
+    save_pickle({"results": [{"key": k, "result": r} for k, r in kept[:RESULTS_PER_CHECKPOINT]]}, path)
 
 
 def write_info(run_dir, results, info_keys, format_line):

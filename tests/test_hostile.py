@@ -1,0 +1,638 @@
+"""The audit of hostile use: concurrent processes, divergence, stale caches, resumes that drift, signals,
+and the inputs that used to end in a traceback. Each test reproduces one reported failure."""
+import contextlib
+import inspect
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import experiments
+import fake_data
+import plot_runs
+import train_1st_order
+import training
+import utils
+import validate_NC
+from args import train_parser
+from conftest import REPO, TINY_RUN
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# The audit's $B.
+B = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "64", "--depth", "1", "--device", "cpu",
+     "--sample_size", "20", "--batch_size", "50", "--num_workers", "0"]
+WAIT = 120  # seconds before a wait for another process counts as hung (the machine may be slow)
+
+
+def refused(capsys, main, *args):
+    """Run main(*args) as its script does (utils.run_main); the one line it printed. Fails unless the
+    exit status is 2 (bad input) and stderr is a single `error: ...` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(main, *args)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def validate(run_dir, *flags):
+    return validate_NC.main(["--load_path", str(run_dir), "--device", "cpu", *map(str, flags)])
+
+
+def load_pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def checkpoint_epochs(run_dir):
+    return sorted(int(m.group(1)) for m in map(re.compile(r"epoch_(\d+)\.pth$").match, os.listdir(run_dir)) if m)
+
+
+def nothing_under(folder):
+    return not os.path.exists(folder) or not os.listdir(folder)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run of 2 epochs, trained once for the module: copy it (`run_copy`) before damaging it."""
+    save_dir = tmp_path_factory.mktemp("trained")
+    return train_1st_order.main(TINY_RUN + ["--save_dir", str(save_dir), "--uid", "tiny"])
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    return shutil.copytree(trained, tmp_path / "runs" / "tiny")
+
+
+# ---------------------------------------------------------------------------- 1. one process per run
+
+# `python -c RUNNER REPO FOLDER PLAN` is a process that runs scripts one after another, each as `python
+# SCRIPT ARGS` would (runpy, as __main__), in the steps of PLAN (JSON): [{"go": FILE or null, "name": NAME,
+# "argv": [SCRIPT, ARGS...], "holds": [[MODULE.FUNCTION, N, GATE], ...]}]. A step starts once its go
+# file exists; its stderr goes to FOLDER/NAME.err and its exit status to NAME.code. A hold stops the step at
+# the N-th call of that function: GATE.reached is created, and the call waits until GATE exists. The
+# last step's exit status is the process's. So the slow imports are paid once, before the first step,
+# and each step happens at a known instant, with no sleeps that a slow machine could outlast.
+RUNNER = r"""
+import importlib, json, os, runpy, sys, time
+repo, folder, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, repo)
+import training, validate_NC
+def wait(path):
+    while not os.path.exists(path):
+        time.sleep(0.02)
+code, originals = 0, {}
+for step in plan:
+    for target, _, _ in step["holds"]:
+        module, name = target.rsplit(".", 1)
+        module = importlib.import_module(module)
+        originals.setdefault(target, (module, name, getattr(module, name)))
+    for target, (module, name, real) in originals.items():
+        setattr(module, name, real)
+    for target, n, gate in step["holds"]:
+        module, name, real = originals[target]
+        def held(*a, real=real, calls=[0], n=n, gate=gate, **k):
+            calls[0] += 1
+            if calls[0] == n:
+                open(gate + ".reached", "w").close()
+                wait(gate)
+            return real(*a, **k)
+        setattr(module, name, held)
+    if step["go"]:
+        wait(step["go"])
+    err = os.path.join(folder, step["name"] + ".err")
+    sys.stderr.flush()
+    fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.argv = step["argv"]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    sys.stderr.flush()
+    with open(err + ".tmp", "w") as f:
+        f.write(str(code))
+    os.replace(err + ".tmp", err[:-4] + ".code")  # whole when it appears
+sys.exit(code)
+"""
+
+
+class Scenario:
+    """Processes that run steps through RUNNER, with their files in one folder."""
+
+    def __init__(self, folder):
+        self.folder, self.procs = folder, {}
+
+    def path(self, name):
+        return str(self.folder / name)
+
+    def start(self, process, *steps):
+        """steps: (name, script, args, holds, wait for the go file?)"""
+        plan = [{"name": name, "argv": [os.path.join(REPO, script), *map(str, args)],
+                 "holds": [[target, n, self.path(gate)] for target, n, gate in holds],
+                 "go": self.path("go_" + name) if go else None} for name, script, args, holds, go in steps]
+        env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")  # no progress bars in stderr
+        with open(self.path(process + ".err"), "w") as err:  # until the first step starts
+            self.procs[process] = subprocess.Popen(
+                [sys.executable, "-c", RUNNER, REPO, str(self.folder), json.dumps(plan)],
+                stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=self.folder)
+
+    def go(self, name):
+        open(self.path("go_" + name), "w").close()
+
+    def wait_for(self, name, process):
+        """Wait until the file `name` exists; fail at once if `process` has ended."""
+        deadline = time.time() + WAIT
+        while not os.path.exists(self.path(name)):
+            proc = self.procs[process]
+            if proc.poll() is not None:
+                with open(self.path(process + ".err")) as f:
+                    pytest.fail(f"{process} exited with {proc.returncode} before {name} appeared: {f.read()[-2000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"{name} did not appear within {WAIT} s")
+            time.sleep(0.02)
+
+    def result(self, step, process):
+        """(exit status, stderr) of a step, once it has ended."""
+        self.wait_for(step + ".code", process)
+        with open(self.path(step + ".code")) as code, open(self.path(step + ".err")) as err:
+            return int(code.read()), err.read()
+
+    def stop_all(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def holder(lock):
+    """The pid written in a lock file (None without one)."""
+    return lock.read_text().strip() if lock.exists() else None
+
+
+def run_in_process(main, *args):
+    """(exit status, stderr) of main(*args) run as its script runs it, in this process."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            utils.run_main(main, *args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory):
+    """A run that another process is training, and what happened to each process that came near it.
+    Two processes: `first`, and `other`, whose steps (after `first` has stopped in epoch 2, holding
+    the run's lock) are:
+
+    second       train the same --uid with --force: should be refused
+    (this process: --resume of the run: should be refused)
+    validation   validate the run while `first` still trains, stopping before info.pkl is written
+    (this process: a second validation of the run: should be refused)
+    (`first` is killed with SIGKILL, holding the lock)
+    resumed      --resume the run (it must get the lock), stopping inside epoch 2, to be sent SIGINT
+    (this process: --resume trains the run to its end)
+    """
+    folder = tmp_path_factory.mktemp("busy")
+    run_dir = folder / "runs" / "busy"
+    train = TINY_RUN + ["--save_dir", str(folder / "runs"), "--uid", "busy", "--epochs", "3"]
+    validation = ["--load_path", str(run_dir), "--device", "cpu"]
+    s = Scenario(folder)
+    seen = {"run_dir": run_dir}
+    try:
+        s.start("first", ("first", "train_1st_order.py", train, [("training.train_one_epoch", 2, "first_gate")], False))
+        s.start("other", ("second", "train_1st_order.py", train + ["--force"], [], True),
+                ("validation", "validate_NC.py", validation, [("rundir.write_info", 1, "validation_gate")], True),
+                ("resumed", "train_1st_order.py", train + ["--resume"],
+                 [("training.train_one_epoch", 1, "resumed_gate")], True))
+        seen["pids"] = {name: proc.pid for name, proc in s.procs.items()}
+
+        s.wait_for("first_gate.reached", "first")  # epoch 1 is saved; epoch 2 is under way
+        seen["lock"] = holder(run_dir / ".lock")
+        before = fake_data.snapshot_tree(run_dir)
+        s.go("second")
+        seen["second"] = s.result("second", "other")
+        seen["resume"] = run_in_process(train_1st_order.main, train + ["--resume"])
+        seen["untouched"] = fake_data.snapshot_tree(run_dir) == before
+
+        s.go("validation")
+        s.wait_for("validation_gate.reached", "other")
+        seen["validation_lock"] = holder(run_dir / ".validate.lock")
+        seen["second_validation"] = run_in_process(validate_NC.main, validation)
+        open(s.path("validation_gate"), "w").close()
+        seen["validation"] = s.result("validation", "other")
+        seen["first_trains_on"] = s.procs["first"].poll() is None
+        seen["info"] = load_pickle(run_dir / "info.pkl")
+
+        s.procs["first"].send_signal(signal.SIGKILL)
+        seen["first"] = s.procs["first"].wait(timeout=WAIT)
+        s.go("resumed")
+        s.wait_for("resumed_gate.reached", "other")  # it holds the lock that the killed process held
+        seen["lock_after_kill"] = holder(run_dir / ".lock")
+        s.procs["other"].send_signal(signal.SIGINT)
+        seen["resumed"] = s.result("resumed", "other")
+        seen["after_interrupt"] = sorted(os.listdir(run_dir))
+        seen["loads"] = {name: torch.load(run_dir / name, map_location="cpu", weights_only=False) is not None
+                         for name in seen["after_interrupt"] if name.endswith(".pth")}
+        seen["args_after_interrupt"] = json.loads((run_dir / "args.json").read_text())
+        seen["finished"] = run_in_process(train_1st_order.main, train + ["--resume"])
+        seen["other"] = s.procs["other"].wait(timeout=WAIT)  # its exit status: the interrupted step's
+        return seen
+    finally:
+        s.stop_all()
+
+
+def one_line(stderr):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_a_second_training_of_a_run_being_trained_is_refused_naming_the_first(busy):
+    code, err = busy["second"]
+    assert busy["lock"] == str(busy["pids"]["first"])
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith("error: ") and f"pid {busy['pids']['first']}" in line and "busy" in line
+
+
+def test_resume_of_a_run_being_trained_is_refused(busy):
+    code, err = busy["resume"]
+    assert code == 2
+    assert f"pid {busy['pids']['first']}" in one_line(err)
+
+
+def test_the_refused_processes_leave_the_first_ones_files_as_they_were(busy):
+    assert busy["untouched"]
+
+
+def test_validation_while_training_runs_is_allowed(busy):
+    code, err = busy["validation"]
+    assert code == 0, err
+    assert busy["first_trains_on"]
+    assert busy["info"]["epochs"] == [1]
+
+
+def test_a_second_validation_of_a_run_at_once_is_refused(busy):
+    code, err = busy["second_validation"]
+    assert busy["validation_lock"] == str(busy["pids"]["other"])
+    assert code == 2
+    line = one_line(err)
+    assert f"pid {busy['pids']['other']}" in line and "validated" in line
+
+
+def test_a_killed_training_leaves_no_stuck_lock(busy):
+    assert busy["first"] == -signal.SIGKILL
+    assert busy["lock_after_kill"] == str(busy["pids"]["other"])  # --resume got the lock at once
+    code, err = busy["finished"]
+    assert code == 0, err
+    assert checkpoint_epochs(busy["run_dir"]) == [1, 2, 3]
+
+
+def test_sigint_to_a_training_exits_130_in_one_line_with_its_files_complete(busy):
+    """Case 9: a real Ctrl-C (SIGINT) of a training process in the middle of an epoch."""
+    code, err = busy["resumed"]
+    assert code == 130 and busy["other"] == 130
+    assert one_line(err).startswith("interrupted")
+    names = busy["after_interrupt"]
+    assert not [n for n in names if n.startswith(".tmp_")]
+    assert {"args.json", "epoch_001.pth", "last.pth", "train_log.txt"} <= set(names)
+    assert all(busy["loads"].values()) and busy["args_after_interrupt"]["epochs"] == 3
+
+
+# ---------------------------------------------------------------------------- 2. non-finite weights
+
+@pytest.mark.parametrize("loss, hint", [("MSE", "lower --lr"), ("RescaledMSE", "--M/--k")])
+def test_a_step_to_non_finite_weights_is_never_saved(capsys, tmp_path, loss, hint):
+    argv = B + ["--uid", "lr30", "--epochs", "6", "--lr", "30", "--batch_size", "200", "--loss", loss,
+                "--save_dir", str(tmp_path)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(train_1st_order.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert line.startswith("error: the ") and "non-finite" in line and hint in line, err
+    run_dir = tmp_path / "lr30"
+    epochs = checkpoint_epochs(run_dir)
+    assert 1 <= len(epochs) < 6
+    for e in epochs:
+        assert utils.all_finite(torch.load(run_dir / f"epoch_{e:03d}.pth", weights_only=True)), e
+    assert utils.all_finite(torch.load(run_dir / "last.pth", weights_only=False)["model"])
+
+
+def test_the_divergence_hint_names_m_and_k_only_for_rescaled_mse():
+    parse = train_parser()
+    assert training.divergence_hint(parse.parse_args(["--loss", "MSE"])) == "lower --lr"
+    rescaled = training.divergence_hint(parse.parse_args(["--loss", "RescaledMSE"]))
+    assert "--lr" in rescaled and "--M" in rescaled and "--k" in rescaled
+
+
+def scaled_checkpoint(run_dir, epoch, factor):
+    path = os.path.join(run_dir, f"epoch_{epoch:03d}.pth")
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v * factor if k.endswith("weight") else v for k, v in state.items()}, path)
+
+
+@pytest.mark.parametrize("factor, reason", [(float("nan"), "not finite"), (1e20, "cannot be computed")])
+def test_validation_skips_a_checkpoint_that_cannot_be_measured(run_copy, capsys, factor, reason):
+    """Non-finite weights; or finite ones so large that the features overflow and the SVD fails."""
+    scaled_checkpoint(run_copy, 1, factor)
+    with pytest.warns(UserWarning, match=f"skipping .*epoch_001.pth: .*{reason}"):
+        validate(run_copy)
+    assert load_pickle(run_copy / "info.pkl")["epochs"] == [2]
+    assert "(1 computed, 0 reused, 1 skipped)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--gamma", "--weight_decay", "--feature_decay_rate", "--M", "--k"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_numbers_are_refused_by_the_parser(capsys, tiny_argv, flag, value):
+    message = refused(capsys, train_1st_order.main, tiny_argv("bad", f"{flag}={value}"))
+    assert flag in message and value in message
+    assert nothing_under(tiny_argv.save_dir)
+
+
+# ---------------------------------------------------------------------------- 3. the validation cache
+
+def summary(out):
+    return re.search(r"\((-?\d+) computed, (-?\d+) reused, (-?\d+) skipped\)", out).groups()
+
+
+def test_validation_results_are_keyed_to_the_data(tiny_argv, tmp_path, capsys):
+    d1, d2 = str(tmp_path / "d1"), str(tmp_path / "d2")
+    fake_data.write_mnist(d1, seed=0)
+    fake_data.write_mnist(d2, seed=1)
+    run_dir = train_1st_order.main(tiny_argv("data", "--dataset", "mnist", "--data_dir", d1, "--sample_size", 3,
+                                             "--batch_size", 10, "--epochs", 1))
+    runs = []  # (computed, reused, skipped), NC1 of each validation
+    for data_dir in (d1, d2, d1):
+        capsys.readouterr()
+        validate(run_dir, "--data_dir", data_dir)
+        info = load_pickle(os.path.join(run_dir, "info.pkl"))
+        runs.append((summary(capsys.readouterr().out), info["collapse_metric"]))
+    (first, nc1_d1), (second, nc1_d2), (third, nc1_d1_again) = runs
+    assert first == ("1", "0", "0")
+    assert second == ("1", "0", "0") and nc1_d2 != nc1_d1  # D2: computed anew, and other numbers
+    assert third == ("0", "1", "0") and nc1_d1_again == nc1_d1  # D1 again: its own results reused
+
+
+# ---------------------------------------------------------------------------- 4. a plain --resume
+
+def test_a_plain_resume_keeps_the_recorded_device_and_loader_settings(tiny_argv, monkeypatch):
+    run_dir = train_1st_order.main(tiny_argv("plain", "--loader", "torch", "--num_workers", 0, "--gpu_id", 3,
+                                             "--epochs", 1))
+    asked = {}
+    real_loaders, real_device = training.datasets.make_loaders, training.get_device
+
+    def make_loaders(*args, **kwargs):
+        given = inspect.signature(real_loaders).bind(*args, **kwargs).arguments
+        asked["loader"], asked["num_workers"] = given["loader"], given["num_workers"]
+        return real_loaders(*args, **kwargs)
+
+    def get_device(gpu_id=0, device=None):
+        asked["gpu_id"], asked["device"] = gpu_id, device
+        return real_device(gpu_id, device)
+    monkeypatch.setattr(training.datasets, "make_loaders", make_loaders)
+    monkeypatch.setattr(training, "get_device", get_device)
+    # only what --resume needs: none of the data and device flags
+    train_1st_order.main(["--save_dir", str(tiny_argv.save_dir), "--uid", "plain", "--resume", "--epochs", "2"])
+    assert asked == {"loader": "torch", "num_workers": 0, "gpu_id": 3, "device": "cpu"}
+    recorded = json.loads(open(os.path.join(run_dir, "args.json")).read())
+    assert (recorded["num_workers"], recorded["gpu_id"], recorded["device"]) == (0, 3, "cpu")
+
+
+# ---------------------------------------------------------------------------- 5. --resume, new values
+
+def test_resume_with_fewer_epochs_than_finished_is_refused_and_changes_nothing(run_copy, capsys):
+    before = fake_data.snapshot_tree(run_copy)
+    message = refused(capsys, train_1st_order.main,
+                      TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume", "--epochs", "1"])
+    assert "--epochs 1" in message and "2" in message
+    assert fake_data.snapshot_tree(run_copy) == before
+
+
+def test_resume_after_the_data_moved_records_the_new_data_dir(tiny_argv, tmp_path):
+    old, new = tmp_path / "data", tmp_path / "moved"
+    fake_data.write_mnist(str(old))
+    flags = ["--dataset", "mnist", "--sample_size", 3, "--batch_size", 10]
+    run_dir = train_1st_order.main(tiny_argv("moved", *flags, "--data_dir", old, "--epochs", 1))
+    os.rename(old, new)
+    train_1st_order.main(tiny_argv("moved", *flags, "--data_dir", new, "--resume"))
+    assert checkpoint_epochs(run_dir) == [1, 2]
+    assert json.loads(open(os.path.join(run_dir, "args.json")).read())["data_dir"] == str(new)
+
+
+# ---------------------------------------------------------------------------- 6. --batch_size 1
+
+def test_batch_size_one_is_refused_before_the_run_directory_exists(tiny_argv, capsys):
+    message = refused(capsys, train_1st_order.main, tiny_argv("one", "--batch_size", 1))
+    assert "--batch_size" in message
+    assert not (tiny_argv.save_dir / "one").exists()
+    run_dir = train_1st_order.main(tiny_argv("one", "--batch_size", 2, "--epochs", 1))  # no --force needed
+    assert checkpoint_epochs(run_dir) == [1]
+
+
+# ---------------------------------------------------------------------------- 8. signals to the runbook
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_to_the_runbook_stops_its_command_and_waits_for_it(tmp_path, capsys, signum):
+    """experiments.call, as `experiments.py --run` calls a training, in this process: the signal is
+    sent to this process (as `kill -TERM <runbook>` would) once the command runs and call() listens."""
+    pid_file = tmp_path / "child.pid"
+    command = [sys.executable, "-c",
+               f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+    default = signal.getsignal(signum)
+    sent = []
+
+    def send():
+        deadline = time.time() + WAIT
+        while time.time() < deadline:
+            if signal.getsignal(signum) is not default and pid_file.exists() and pid_file.read_text():
+                sent.append(time.time())
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    with pytest.raises(SystemExit) as e:
+        experiments.call(command)
+    stopped = time.time()
+    sender.join()
+    assert sent and stopped - sent[0] < 10  # promptly, not after the command's 60 s
+    assert e.value.code == 128 + signum
+    with pytest.raises(ProcessLookupError):  # the command ended, and was waited for
+        os.kill(int(pid_file.read_text()), 0)
+    assert signal.getsignal(signum) is default
+    assert "stopped by signal" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- 9. one line instead of a traceback
+
+def test_save_dir_naming_a_file_is_refused(tiny_argv, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    message = refused(capsys, train_1st_order.main, tiny_argv("x", "--save_dir", afile))
+    assert "--save_dir" in message and str(afile) in message
+    assert afile.read_text() == "keep me"
+
+
+def test_uid_naming_a_file_is_refused(tiny_argv, capsys):
+    tiny_argv.save_dir.mkdir()
+    (tiny_argv.save_dir / "x").write_text("keep me")
+    message = refused(capsys, train_1st_order.main, tiny_argv("x"))
+    assert "--uid" in message
+    assert (tiny_argv.save_dir / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("uid", ["u" * 300, "a/b", "..", ""])
+def test_a_uid_that_is_not_a_folder_name_is_refused(tiny_argv, capsys, uid):
+    assert "--uid" in refused(capsys, train_1st_order.main, tiny_argv(uid))
+    assert nothing_under(tiny_argv.save_dir)
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "proc"])
+def test_an_unwritable_save_dir_is_refused(tiny_argv, tmp_path, capsys, where):
+    """As root, chmod stops no write: a folder that cannot be created (its parent is a file, or it
+    lies in /proc/sys) stands for a save dir without write permission."""
+    (tmp_path / "afile").write_text("keep me")
+    save_dir = tmp_path / "afile" / "runs" if where == "parent_is_a_file" else "/proc/sys/nc_test_runs"
+    message = refused(capsys, train_1st_order.main, tiny_argv("x", "--save_dir", save_dir))
+    assert str(save_dir) in message
+    assert (tmp_path / "afile").read_text() == "keep me" and not os.path.exists("/proc/sys/nc_test_runs")
+
+
+def test_an_unwritable_run_directory_is_refused(tiny_argv, capsys):
+    """A run directory that exists but where no file can be created (as root, only /proc has such
+    folders): /proc/self/fdinfo, restarted with --force."""
+    assert "/proc/self/fdinfo" in refused(capsys, train_1st_order.main,
+                                          tiny_argv("fdinfo", "--save_dir", "/proc/self", "--force"))
+
+
+def test_nc_results_being_a_file_is_refused(run_copy, capsys):
+    (run_copy / "nc_results").write_text("keep me")
+    before = fake_data.snapshot_tree(run_copy)
+    message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    assert "nc_results" in message
+    assert fake_data.snapshot_tree(run_copy) == before
+
+
+BAD_ARGS = {"wrong_keys": '{"x": 1}', "a_list": "[1, 2]", "truncated": None}
+
+
+def damage_args(run_dir, how):
+    path = run_dir / "args.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2] if BAD_ARGS[how] is None else BAD_ARGS[how])
+
+
+@pytest.mark.parametrize("how", sorted(BAD_ARGS))
+@pytest.mark.parametrize("script", ["validate", "resume"])
+def test_a_damaged_args_json_is_refused_in_one_line(run_copy, capsys, script, how):
+    damage_args(run_copy, how)
+    before = fake_data.snapshot_tree(run_copy)
+    if script == "validate":
+        message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    else:
+        message = refused(capsys, train_1st_order.main,
+                          TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
+    assert "args.json" in message
+    assert fake_data.snapshot_tree(run_copy) == before
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "nonsense"])
+def test_a_device_this_repository_cannot_use_is_refused(tiny_argv, run_copy, capsys, device):
+    assert device in refused(capsys, train_1st_order.main, tiny_argv("dev", "--device", device))
+    assert nothing_under(tiny_argv.save_dir / "dev")
+    before = fake_data.snapshot_tree(run_copy)
+    assert device in refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", device])
+    assert fake_data.snapshot_tree(run_copy) == before
+
+
+def write_info(run_dir, info):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(info, f)
+
+
+def test_an_info_pkl_with_lists_of_different_lengths_is_refused_by_plot_runs(tmp_path, capsys):
+    write_info(tmp_path / "run", {"epochs": [1, 2, 3], "collapse_metric": [1.0, 0.5], "ETF_metric": [1, 1, 1]})
+    message = refused(capsys, plot_runs.main, [str(tmp_path / "run"), "--out_dir", str(tmp_path / "fig")])
+    assert "info.pkl" in message and "length" in message
+    assert nothing_under(tmp_path / "fig")
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "proc"])
+def test_an_unwritable_plot_out_dir_is_refused(tmp_path, capsys, where):
+    write_info(tmp_path / "run", {"epochs": [1, 2], "collapse_metric": [1.0, 0.5]})
+    (tmp_path / "afile").write_text("keep me")
+    out_dir = tmp_path / "afile" / "fig" if where == "parent_is_a_file" else "/proc/sys/nc_test_figures"
+    message = refused(capsys, plot_runs.main, [str(tmp_path / "run"), "--out_dir", str(out_dir)])
+    assert "--out_dir" in message and str(out_dir) in message
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+class InterruptsPickling:
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_save_exits_130_in_one_line(tmp_path, capsys):
+    target = tmp_path / "state.pth"
+    try:
+        utils.run_main(lambda: utils.save_torch({"x": InterruptsPickling()}, str(target)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:  # would end the whole test session
+        pytest.fail("the Ctrl-C escaped run_main")
+    assert code == 130
+    assert one_line(capsys.readouterr().err).startswith("interrupted")
+    assert os.listdir(tmp_path) == []  # neither the file nor its temporary
+
+
+# ---------------------------------------------------------------------------- 10. smaller ones
+
+def test_tilde_is_expanded_in_save_dir_and_load_path(tiny_argv, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    run_dir = train_1st_order.main(tiny_argv("tilde", "--save_dir", "~/runs", "--epochs", 1))
+    assert os.path.samefile(run_dir, home / "runs" / "tilde")
+    info = validate("~/runs/tilde")
+    assert info["epochs"] == [1] and (home / "runs" / "tilde" / "info.pkl").exists()
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_checkpoint_name_without_zero_padding_is_not_a_second_epoch(run_copy, capsys):
+    shutil.copy(run_copy / "epoch_001.pth", run_copy / "epoch_1.pth")
+    capsys.readouterr()
+    info = validate(run_copy)
+    assert info["epochs"] == [1, 2]
+    assert summary(capsys.readouterr().out) == ("2", "0", "0")
+
+
+def test_the_runbook_help_describes_it_in_a_whole_sentence(capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--help"])
+    assert e.value.code == 0
+    paragraphs = capsys.readouterr().out.split("\n\n")
+    description = " ".join(paragraphs[1].split())  # the paragraph after the usage
+    assert description[0].isupper() and description.endswith("."), description
