@@ -75,15 +75,18 @@ def format_step(step):
 def call(command):
     """Run a command to its end. SIGTERM, SIGHUP or Ctrl-C of this process are passed on to it and
     waited for, so that no training outlives the runbook (a restart would then train it twice)."""
-    # In a session of its own, a Ctrl-C at the terminal reaches the command once, through us.
-    child = subprocess.Popen(command, start_new_session=True)
-    caught = []
+    caught, child = [], None
 
     def forward(signum, _frame):
         caught.append(signum)
-        child.send_signal(signum)
+        if child is not None:
+            child.send_signal(signum)
     handlers = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
+        # In a session of its own, a Ctrl-C at the terminal reaches the command once, through us.
+        child = subprocess.Popen(command, start_new_session=True)
+        if caught:  # a signal came before the command existed
+            child.send_signal(caught[0])
         code = child.wait()
     finally:
         for s, handler in handlers.items():

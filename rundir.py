@@ -150,8 +150,6 @@ def _stored_results(path):
     try:
         with open(path, "rb") as f:
             saved = pickle.load(f)
-        if "key" in saved:  # one result, as files held before several were kept
-            return [(saved["key"], saved["result"])]
         return [(entry["key"], entry["result"]) for entry in saved["results"]]
     except Exception:
         return []

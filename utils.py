@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import torch
 
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class UserError(Exception):
@@ -33,12 +33,20 @@ def _interrupted(e):
 
 def run_main(main, *args):
     """Call main(*args) as a script does: a UserError becomes a one-line message on stderr and exit
-    status 2; Ctrl-C becomes one line and status 130, however deep inside a save it struck."""
+    status 2; a file-system error one line and status 1; Ctrl-C one line and status 130, however
+    deep inside a save it struck."""
     try:
         return main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except OSError as e:  # the file system refused: a full disk, a folder where a file should be, ...
+        if _interrupted(e):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; files written before this are complete: free the space "
+              "or move what is in the way, then run the command again", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     except BaseException as e:
         if not _interrupted(e):
             raise

@@ -1,5 +1,6 @@
 """Shared fixtures: the repository on sys.path, tiny fake data sets, a tiny training command line."""
 import os
+import pickle
 import sys
 
 import pytest
@@ -66,3 +67,24 @@ def fake_mini_imagenet(tmp_path_factory):
     Read-only: tests that damage files build their own."""
     root = tmp_path_factory.mktemp("mini_data")
     return str(root), fake_data.write_mini_imagenet(str(root / "mini_imagenet"))
+
+
+# ---------------------------------------------------------------------------- helpers the test modules share
+
+def refused(capsys, main, *args):
+    """Run main(*args) as its script does (utils.run_main); the one line it printed. Fails unless the
+    exit status is 2 (bad input) and stderr is a single `error: ...` line."""
+    import utils
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(main, *args)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def load_pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)

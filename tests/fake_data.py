@@ -14,7 +14,6 @@ shuffle (see `stamp` / `read_stamp`).
 import os
 import pickle
 import struct
-import sys
 
 import numpy as np
 

@@ -25,7 +25,7 @@ import training
 import utils
 import validate_NC
 from args import train_parser
-from conftest import REPO, TINY_RUN
+from conftest import REPO, TINY_RUN, load_pickle, refused
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,26 +35,12 @@ B = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "64", "--depth", 
 WAIT = 120  # seconds before a wait for another process counts as hung (the machine may be slow)
 
 
-def refused(capsys, main, *args):
-    """Run main(*args) as its script does (utils.run_main); the one line it printed. Fails unless the
-    exit status is 2 (bad input) and stderr is a single `error: ...` line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        utils.run_main(main, *args)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def validate(run_dir, *flags):
     return validate_NC.main(["--load_path", str(run_dir), "--device", "cpu", *map(str, flags)])
 
 
-def load_pickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def checkpoint_epochs(run_dir):
@@ -266,6 +252,7 @@ def one_line(stderr):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_second_training_of_a_run_being_trained_is_refused_naming_the_first(busy):
     code, err = busy["second"]
     assert busy["lock"] == str(busy["pids"]["first"])
@@ -274,16 +261,19 @@ def test_a_second_training_of_a_run_being_trained_is_refused_naming_the_first(bu
     assert line.startswith("error: ") and f"pid {busy['pids']['first']}" in line and "busy" in line
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_being_trained_is_refused(busy):
     code, err = busy["resume"]
     assert code == 2
     assert f"pid {busy['pids']['first']}" in one_line(err)
 
 
+@pytest.mark.slow
 def test_the_refused_processes_leave_the_first_ones_files_as_they_were(busy):
     assert busy["untouched"]
 
 
+@pytest.mark.slow
 def test_validation_while_training_runs_is_allowed(busy):
     code, err = busy["validation"]
     assert code == 0, err
@@ -291,6 +281,7 @@ def test_validation_while_training_runs_is_allowed(busy):
     assert busy["info"]["epochs"] == [1]
 
 
+@pytest.mark.slow
 def test_a_second_validation_of_a_run_at_once_is_refused(busy):
     code, err = busy["second_validation"]
     assert busy["validation_lock"] == str(busy["pids"]["other"])
@@ -299,6 +290,7 @@ def test_a_second_validation_of_a_run_at_once_is_refused(busy):
     assert f"pid {busy['pids']['other']}" in line and "validated" in line
 
 
+@pytest.mark.slow
 def test_a_killed_training_leaves_no_stuck_lock(busy):
     assert busy["first"] == -signal.SIGKILL
     assert busy["lock_after_kill"] == str(busy["pids"]["other"])  # --resume got the lock at once
@@ -307,6 +299,7 @@ def test_a_killed_training_leaves_no_stuck_lock(busy):
     assert checkpoint_epochs(busy["run_dir"]) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigint_to_a_training_exits_130_in_one_line_with_its_files_complete(busy):
     """Case 9: a real Ctrl-C (SIGINT) of a training process in the middle of an epoch."""
     code, err = busy["resumed"]
@@ -636,3 +629,19 @@ def test_the_runbook_help_describes_it_in_a_whole_sentence(capsys):
     paragraphs = capsys.readouterr().out.split("\n\n")
     description = " ".join(paragraphs[1].split())  # the paragraph after the usage
     assert description[0].isupper() and description.endswith("."), description
+
+
+@pytest.mark.parametrize("blocked", ["info.pkl", "test_log.txt"])
+def test_a_folder_where_a_result_file_goes_is_one_line(run_copy, capsys, blocked):
+    """The file system refusing a write (here a folder in the way; a full disk alike) is one line and
+    exit 1, and what was written before is complete."""
+    os.makedirs(os.path.join(run_copy, blocked, "x"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(validate, run_copy)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # (beside the progress bar's lines)
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith("error: ") and blocked in errors[0], err
+    assert sorted(os.listdir(os.path.join(run_copy, "nc_results"))) == ["epoch_001.pkl", "epoch_002.pkl"]
+    assert not [n for n in os.listdir(run_copy) if n.startswith(".tmp_")]

@@ -8,11 +8,9 @@ each pays the torch import. Uninterrupted references and the resumes run in this
 """
 import json
 import os
-import pickle
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import train_1st_order
 import train_2nd_order
 import utils
 import validate_NC
-from conftest import REPO
+from conftest import REPO, load_pickle, refused
 
 pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
 
@@ -163,9 +161,6 @@ def make_runs(tmp_path_factory):
 
 # ---------------------------------------------------------------------------- helpers
 
-def load_pickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def checkpoint_names(run_dir):
@@ -225,15 +220,6 @@ def resumed_after(run_dir):
     return [int(e) for e in re.findall(r"^resumed after epoch (\d+)", (run_dir / rundir.TRAIN_LOG).read_text(), re.M)]
 
 
-def refused(capsys, main, args):
-    """main(args) run as the script runs it: returns its one-line error; fails unless it exits non-zero."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        utils.run_main(main, args)
-    assert e.value.code not in (0, None)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), lines
-    return lines[0]
 
 
 def copy_run(reference, tmp_path, uid="copy"):

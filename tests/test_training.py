@@ -20,7 +20,7 @@ import train_2nd_order
 import training
 import utils
 from args import train_parser
-from conftest import REPO, TINY_RUN
+from conftest import REPO, TINY_RUN, refused
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -283,16 +283,6 @@ def test_run_files_follow_the_umask(tiny_argv):
 
 # ---------------------------------------------------------------------------- bad input
 
-def refused(capsys, main, argv):
-    """Run main(argv) as the script would; returns the one-line error. Fails unless it exits non-zero."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        utils.run_main(main, argv)
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err.strip()
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # Each subprocess pays the torch import (seconds on a small machine): two cases, one per kind of refusal
