@@ -5,6 +5,7 @@
 - `make_dataset` (the authors' API): torchvision transforms per image in a DataLoader.
 Both apply the same transforms with the same constants, so they give the same tensors.
 """
+import functools
 import math
 import os
 import pickle
@@ -107,14 +108,20 @@ def load_mnist(root):
             _mnist_to_32x32x3(test.data.numpy()), _as_int64(test.targets))
 
 
-def load_mnist_sample(_root=None):
+@functools.lru_cache(maxsize=1)
+def _mnist_sample_32x32x3(mtime_ns):
+    """The shipped sample, resized once per process (and again should the file change)."""
     with np.load(MNIST_SAMPLE) as f:
-        images, labels = _mnist_to_32x32x3(f["images"]), _as_int64(f["labels"])
+        return _mnist_to_32x32x3(f["images"]), _as_int64(f["labels"])
+
+
+def load_mnist_sample(_root=None):
+    images, labels = _mnist_sample_32x32x3(os.stat(MNIST_SAMPLE).st_mtime_ns)
     rank = np.empty_like(labels)  # position of each image within its class
     for k in np.unique(labels):
         rank[labels == k] = np.arange((labels == k).sum())
     train = rank < MNIST_SAMPLE_TRAIN_PER_CLASS
-    return images[train], labels[train], images[~train], labels[~train]
+    return images[train], labels[train], images[~train], labels[~train]  # copies: the cache stays as it was
 
 
 def load_cifar10(root):
