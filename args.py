@@ -8,11 +8,10 @@ import copy
 import math
 import os
 
+from datasets import DATASETS
 from losses import LOSSES
+from models import MODELS
 from optimizers import FIRST_ORDER, SECOND_ORDER
-
-DATASETS = ("mnist", "mnist_sample", "cifar10", "cifar10_random", "mini_imagenet")
-MODELS = ("resnet18", "resnet34", "resnet50", "MLP", "ResNet18_adapt")
 LOADERS = ("auto", "device", "torch")
 AMP = ("none", "bf16")
 
@@ -98,7 +97,7 @@ def add_model_args(parser):
 
 def add_data_args(parser, batch_size):
     g = parser.add_argument_group("data and device")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
     g.add_argument("--data_dir", type=path, default="~/data", help="where data sets are found or downloaded to")
     g.add_argument("--batch_size", type=positive_int, default=batch_size)
     g.add_argument("--gpu_id", type=int, default=0, help="CUDA device index; the CPU is used when there is no GPU")

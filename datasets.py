@@ -1,5 +1,9 @@
 """Data sets of the paper, read once into uint8 arrays, and two ways of batching them.
 
+torchvision is imported where it is used (reading MNIST/CIFAR-10 files, the DataLoader path): it
+takes seconds to import, and neither the device path nor the scripts that only read run
+directories need it.
+
 - `DeviceLoader` (fast path): the whole split lives on the training device as uint8; shuffling is
   `randperm` on the device, crop/flip augmentation and normalisation are batched tensor ops.
 - `make_dataset` (the authors' API): torchvision transforms per image in a DataLoader.
@@ -14,9 +18,6 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torchvision
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from utils import UserError, save_pickle
@@ -63,6 +64,7 @@ def _short(e):
 
 def _cifar10_checksum_failures(root):
     """The CIFAR-10 files under root whose md5 is not torchvision's record of the official release."""
+    import torchvision
     cls = torchvision.datasets.CIFAR10
     listed = cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]
     return [f"{cls.base_folder}/{name}" for name, md5 in listed
@@ -92,6 +94,7 @@ def _torchvision_splits(cls, name, root, files, checksum_failures=lambda root: [
 
 def _mnist_to_32x32x3(images):
     """MNIST's Grayscale(3) + Resize(32), done once with the same PIL calls torchvision makes."""
+    import torchvision.transforms.functional as TF
     out = np.empty((len(images), 32, 32, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         out[i] = np.asarray(TF.resize(Image.fromarray(img, mode="L"), 32))[..., None]
@@ -103,6 +106,7 @@ def _as_int64(labels):
 
 
 def load_mnist(root):
+    import torchvision
     train, test = _torchvision_splits(torchvision.datasets.MNIST, "MNIST", root, MNIST_FILES)
     return (_mnist_to_32x32x3(train.data.numpy()), _as_int64(train.targets),
             _mnist_to_32x32x3(test.data.numpy()), _as_int64(test.targets))
@@ -125,6 +129,7 @@ def load_mnist_sample(_root=None):
 
 
 def load_cifar10(root):
+    import torchvision
     train, test = _torchvision_splits(torchvision.datasets.CIFAR10, "CIFAR-10", root, CIFAR10_FILES,
                                       _cifar10_checksum_failures)
     return train.data, _as_int64(train.targets), test.data, _as_int64(test.targets)
@@ -287,6 +292,7 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 
 def torchvision_transform(data, train):
+    import torchvision.transforms as T
     steps = [T.RandomCrop(data.train_images.shape[1], padding=CROP_PADDING), T.RandomHorizontalFlip()] \
         if train and data.augment else []
     return T.Compose(steps + [T.ToTensor(), T.Normalize(data.mean, data.std)])

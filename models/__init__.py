@@ -10,6 +10,7 @@ __all__ = ["MLP", "ResNet18_adapt", "resnet18", "resnet34", "resnet50", "simplex
            "feature_dim"]
 
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+MODELS = (*RESNETS, "MLP", "ResNet18_adapt")  # the --model choices
 
 
 def build_model(args, num_classes):
@@ -23,7 +24,7 @@ def build_model(args, num_classes):
         return MLP(hidden=args.width, depth=args.depth, fc_bias=args.bias, num_classes=num_classes)
     if args.model == "ResNet18_adapt":
         return ResNet18_adapt(width=args.width, num_classes=num_classes, fc_bias=args.bias)
-    raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(list(RESNETS) + ['MLP', 'ResNet18_adapt'])}")
+    raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
 
 
 def feature_dim(model):
