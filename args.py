@@ -138,6 +138,13 @@ def train_parser(default_optimizer="SGD", description=None):
     g.add_argument("--feature_decay_rate", type=nonnegative_float, default=1e-4,
                    help="--sep_decay: weight of (1/2) sum_i ||h_i||^2 over the batch")
     g.add_argument("--history_size", type=positive_int, default=10, help="LBFGS memory")
+    g = p.add_argument_group("what a run keeps")
+    g.add_argument("--nc_every", type=nonnegative_int, default=1,
+                   help="measure NC (everything validate_NC.py records) after every N-th epoch and after the "
+                        "last, into info.pkl as training goes; 0: never (validate the checkpoints afterwards)")
+    g.add_argument("--save_every", type=positive_int, default=1,
+                   help="keep the checkpoint epoch_NNN.pth of every N-th epoch (and of the last; last.pth is "
+                        "always kept); with --nc_every, thinning loses no curve")
     g = p.add_argument_group("speed (fp32 without compilation is the faithful default)")
     g.add_argument("--amp", default="none", choices=AMP, help="bf16 autocast for forward and loss")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
@@ -151,12 +158,15 @@ def train_parser(default_optimizer="SGD", description=None):
     return p
 
 
+VALIDATION_BATCH = 1024  # validate_NC.py's --batch_size, and the batch of the NC pass during training
+
+
 def validate_parser():
     p = Parser(description="Measure NC1-NC4 on every checkpoint of a run directory.")
     p.add_argument("--load_path", type=path, required=True, help="run directory, e.g. model_weights/<uid>")
     p.add_argument("--epochs", type=positive_int, default=None, help="only checkpoints up to this epoch")
     add_model_args(p)
-    add_data_args(p, batch_size=1024)
+    add_data_args(p, batch_size=VALIDATION_BATCH)
     return p
 
 

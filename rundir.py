@@ -9,6 +9,8 @@
                      its numbers depend on (so validating on another copy of the data and back reuses them)
     info.pkl         the per-checkpoint results as lists in epoch order (the authors' format)
     test_log.txt     one line of NC1-NC4 and accuracies per validated checkpoint
+    metrics.jsonl    one JSON object per trained epoch (loss, accuracies, learning rate, seconds, and
+                     NC1-NC4 where measured), appended as each epoch ends: `tail -f` follows a run
     .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
                      process on the same run is refused; the kernel drops a dead process's lock
 
@@ -21,6 +23,7 @@ last epoch is there) or 'done' (info.pkl covers every epoch).
 import errno
 import fcntl
 import glob
+import json
 import os
 import pickle
 import re
@@ -31,15 +34,16 @@ import torch
 from utils import UserError, atomic_write, load_json, save_json, save_pickle, save_torch
 
 ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
-INFO, TEST_LOG, RESULTS = "info.pkl", "test_log.txt", "nc_results"
+INFO, TEST_LOG, RESULTS, METRICS = "info.pkl", "test_log.txt", "nc_results", "metrics.jsonl"
 TRAIN_LOCK, VALIDATE_LOCK = ".lock", ".validate.lock"
 CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
+RESULT = re.compile(r"^epoch_(\d{3,})\.pkl$")
 # Results of one checkpoint kept under different keys (data, model flags, metric version): the newest.
 RESULTS_PER_CHECKPOINT = 4
 # What a process killed mid-save leaves behind: the temporary files of utils.atomic_write.
 STALE = (".tmp_*",)
 # Files of a run that --force removes before starting over (the locks stay: one is held).
-RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS, TRAIN_LOG, INFO, TEST_LOG, f"{RESULTS}/*.pkl", *STALE,
+RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS, TRAIN_LOG, INFO, TEST_LOG, METRICS, f"{RESULTS}/*.pkl", *STALE,
              f"{RESULTS}/.tmp_*")
 # Keys args.json must hold for a run to be resumed or validated.
 REQUIRED_ARGS = ("model", "dataset", "epochs", "optimizer", "batch_size", "seed")
@@ -104,14 +108,15 @@ def save_state(run_dir, state):
 
 
 def load_state(run_dir, warn=print):
-    """The newest of last.pth / previous.pth that loads and whose epoch checkpoint is intact (None
-    when neither is). A missing or damaged epoch checkpoint makes its state unusable: that epoch is
-    redone."""
+    """The newest of last.pth / previous.pth that loads and whose epoch checkpoint, if the epoch kept
+    one, is intact (None when neither is). A missing or damaged epoch checkpoint makes its state
+    unusable: that epoch is redone."""
     for name in (LAST, PREVIOUS):
         path = os.path.join(run_dir, name)
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-            torch.load(checkpoint_path(run_dir, state["epoch"]), map_location="cpu", weights_only=True)
+            if state.get("checkpoint_kept", True):
+                torch.load(checkpoint_path(run_dir, state["epoch"]), map_location="cpu", weights_only=True)
             if name == PREVIOUS:
                 # The unusable last.pth would otherwise become previous.pth at the next save, leaving
                 # no usable state at all should the run be killed before last.pth is written again.
@@ -121,6 +126,35 @@ def load_state(run_dir, warn=print):
             if os.path.exists(path):
                 warn(f"warning: cannot resume from {path} ({str(e).splitlines()[0][:120]}); trying an older state")
     return None
+
+
+def append_metrics(run_dir, record):
+    with open(os.path.join(run_dir, METRICS), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir):
+    """The records of metrics.jsonl, one per epoch (the last record of an epoch trained twice);
+    a line cut short by a kill is left out."""
+    records = {}
+    try:
+        with open(os.path.join(run_dir, METRICS)) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    records[int(record["epoch"])] = record
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return [records[e] for e in sorted(records)]
+
+
+def truncate_metrics(run_dir, last_epoch):
+    """Keep the records of epochs up to last_epoch (a resumed run trains the later ones again)."""
+    if os.path.exists(os.path.join(run_dir, METRICS)):
+        lines = "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir) if r["epoch"] <= last_epoch)
+        atomic_write(os.path.join(run_dir, METRICS), lambda f: f.write(lines.encode()))
 
 
 def clear(run_dir, patterns=RUN_FILES):
@@ -143,6 +177,13 @@ def checkpoint_id(path):
     """What identifies a checkpoint file's contents without reading it: size and modification time."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def result_epochs(run_dir):
+    """The epochs with a stored results file, in order."""
+    folder = os.path.join(run_dir, RESULTS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(m.group(1)) for m in map(RESULT.match, names) if m)
 
 
 def _stored_results(path):

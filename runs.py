@@ -10,10 +10,9 @@ train_2nd_order.py, and its run name says batch size 512, as their plot script e
 """
 import shlex
 
-from args import train_parser
+from args import VALIDATION_BATCH, train_parser  # noqa: F401 (the runbook's validation batch)
 
 EPOCHS = 200
-VALIDATION_BATCH = 1024
 
 _CIFAR = "--dataset cifar10 --loss MSE"
 _CIFAR_SGD = _CIFAR + " --optimizer SGD --lr 0.05"

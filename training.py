@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 import datasets
 import models
+import nc
 import rundir
-from args import explicit_args
+import validate_NC
+from args import VALIDATION_BATCH, explicit_args
 from losses import make_criterion, sep_decay_penalty
 from nc import topk_hits
 from optimizers import make_optimizer, make_scheduler, parse_decay_type
@@ -29,7 +31,7 @@ LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the dev
 # numbers (--deterministic and --cuda_graph change at most the last bits of GPU sums). --save_dir,
 # --uid and --data_dir only say where things are (a run or its data may have moved).
 RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
-                     "deterministic"}
+                     "deterministic", "nc_every", "save_every"}
 NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
 
 
@@ -200,14 +202,16 @@ def train(args, step, device, run_dir):
                                             seed=args.seed, num_workers=args.num_workers,
                                             channels_last=channels_last)
 
-    start = 0
+    start, changed = 0, []
     if args.resume:
         rundir.clear(run_dir, rundir.STALE)
         # A new --epochs, --data_dir, ... is recorded, so that a later plain --resume goes on with it;
         # a run that was moved or renamed is left as it is.
         where = ("save_dir", "uid")
-        if {k: v for k, v in rundir.read_args(run_dir).items() if k not in where} != \
-                {k: v for k, v in recorded(args).items() if k not in where}:
+        before = {k: v for k, v in rundir.read_args(run_dir).items() if k not in where}
+        changed = [f"--{k} {v} (was {before.get(k)})" for k, v in sorted(recorded(args).items())
+                   if k not in where and before.get(k) != v]
+        if changed:
             rundir.write_args(run_dir, recorded(args))
         state = rundir.load_state(run_dir)
         if state is not None:
@@ -217,14 +221,20 @@ def train(args, step, device, run_dir):
             set_rng_state(state["rng"])
             train_loader.generator.set_state(state["loader_rng"])
             start = state["epoch"]
+        rundir.truncate_metrics(run_dir, start)  # the epochs after it are trained again
     else:
         rundir.clear(run_dir)
         rundir.write_args(run_dir, recorded(args))
     log = Log(os.path.join(run_dir, rundir.TRAIN_LOG))
-    log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}")
+    log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}"
+        + (f" with {', '.join(changed)}" if changed else ""))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
           f"{data.num_classes} classes), {n_params:,} trainable parameters, {args.optimizer}, {device}")
+    measurement, results = None, {}
+    if args.nc_every:  # measured exactly as validate_NC.py measures, with its batch size
+        measurement = validate_NC.Measurement(run_dir, args, data, model, device, channels_last, VALIDATION_BATCH)
+        results = measurement.stored_results(max_epoch=start)
 
     t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,
@@ -242,20 +252,52 @@ def train(args, step, device, run_dir):
             raise
         scheduler.step()
         seconds = time.time() - t
-        save_torch(model.state_dict(), rundir.checkpoint_path(run_dir, epoch))
+        record = {"epoch": epoch, "loss": stats["loss"], "train_acc1": stats["acc1"], "train_acc5": stats["acc5"],
+                  "lr": lr, "seconds": round(seconds, 3)}
+        last = epoch == args.epochs
+        kept = epoch % args.save_every == 0 or last
+        if kept:
+            save_torch(model.state_dict(), rundir.checkpoint_path(run_dir, epoch))
+        # Everything about the epoch is written before its resume state: a run killed before that
+        # state lands does the epoch again, measurement included, and loses nothing.
+        if measurement is not None and (epoch % args.nc_every == 0 or last):
+            result = measure(measurement, epoch, log)
+            if result is not None:
+                results[epoch] = result
+                validate_NC.write_info(run_dir, results)
+                record.update({name: result[key] for name, key in nc.INFO_KEYS.items() if name in IN_METRICS})
+                record["nc_seconds"] = round(time.time() - t - seconds, 3)
+        rundir.append_metrics(run_dir, record)
         rundir.save_state(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "args": recorded(args), "rng": rng_state(), "loader_rng": train_loader.generator.get_state()})
+            "epoch": epoch, "checkpoint_kept": kept, "args": recorded(args), "rng": rng_state(),
+            "loader_rng": train_loader.generator.get_state()})
         log(f"epoch {epoch:3d} | loss {stats['loss']:.6f} | train acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f}"
-            f" | lr {lr:.3g} | {seconds:.1f} s | {len(data.train_labels) / seconds:,.0f} img/s")
-        epochs.set_postfix(loss=f"{stats['loss']:.4g}", acc=f"{stats['acc1']:.1f}")
+            f" | lr {lr:.3g} | {seconds:.1f} s | {len(data.train_labels) / seconds:,.0f} img/s"
+            + (f" | NC1 {record['NC1']:.4g}" if "NC1" in record else ""))
+        epochs.set_postfix(loss=f"{stats['loss']:.4g}", acc=f"{stats['acc1']:.1f}",
+                           **({"NC1": f"{record['NC1']:.3g}"} if "NC1" in record else {}))
     epochs.close()
     if stats is None:
         print(f"nothing to do: {run_dir} has all {args.epochs} epochs")
     else:
         print(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
-              f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/")
+              f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/"
+              + (f", NC of {len(results)} epochs in {run_dir}/{rundir.INFO}" if results else ""))
     return run_dir
+
+
+# The quantities of each measured epoch that metrics.jsonl repeats (info.pkl has them all).
+IN_METRICS = ("NC1", "NC2", "NC3", "NC4", "test_acc1", "test_acc5")
+
+
+def measure(measurement, epoch, log):
+    """The epoch's NC result, measured now and stored; None, with a warning, if it cannot be computed."""
+    result, reason = measurement.measure(epoch)
+    if reason is not None:
+        log(f"warning: epoch {epoch} not measured: {reason}")
+        print(f"warning: epoch {epoch} not measured: {reason}", file=sys.stderr)
+    return result
 
 
 def run(parser, make_step, optimizers, argv=None):

@@ -60,6 +60,46 @@ def data_key(data):
     return digest.hexdigest()
 
 
+class Measurement:
+    """Measures one run's model on one data set and keeps each epoch's result in the run directory,
+    keyed to everything it depends on: the metric code's version, the data, the model flags, the
+    batch size, and the epoch's checkpoint file (its size and mtime; None when the epoch's checkpoint
+    was not kept, as training with --save_every leaves it). validate_NC.py and training with
+    --nc_every measure through this one class, so their results are the same and each reuses the other's."""
+
+    def __init__(self, run_dir, args, data, model, device, channels_last, batch_size):
+        self.run_dir, self.model, self.K = run_dir, model, data.num_classes
+        self.train_loader, self.test_loader = datasets.make_loaders(
+            data, batch_size, device, args.loader, train=False, num_workers=args.num_workers,
+            channels_last=channels_last)
+        self.key = {"version": METRIC_VERSION, "data": data_key(data), "batch_size": batch_size,
+                    "model": {k: getattr(args, k, None) for k in MODEL_FLAGS}}
+
+    def key_of(self, epoch):
+        path = rundir.checkpoint_path(self.run_dir, epoch)
+        return dict(self.key, checkpoint=rundir.checkpoint_id(path) if os.path.exists(path) else None)
+
+    def stored(self, epoch):
+        """The stored result of an epoch under this measurement's key, or None."""
+        return rundir.read_result(self.run_dir, epoch, self.key_of(epoch))
+
+    def stored_results(self, max_epoch=None):
+        """{epoch: result} of every epoch up to max_epoch with a stored result under this key."""
+        results = {e: self.stored(e) for e in rundir.result_epochs(self.run_dir) if max_epoch is None or e <= max_epoch}
+        return {e: r for e, r in results.items() if r is not None}
+
+    def measure(self, epoch):
+        """Evaluate the model as it is now, as the epoch's result, and store it. Returns (result,
+        None), or (None, the reason) when the metrics cannot be computed (e.g. an SVD that fails)."""
+        key = self.key_of(epoch)  # before evaluating: a checkpoint replaced meanwhile is measured again later
+        try:
+            result = evaluate(self.model, self.train_loader, self.test_loader, self.K)
+        except (RuntimeError, ValueError) as e:
+            return None, f"its metrics cannot be computed ({' '.join(str(e).split())[:120]})"
+        rundir.write_result(self.run_dir, epoch, key, result)
+        return result, None
+
+
 class TrainingSetMetrics:
     """Everything info.pkl records about the training set, accumulated batch by batch.
 
@@ -152,52 +192,50 @@ def main(argv=None):
     cli.load_path = run_dir = os.path.normpath(cli.load_path)
     if not os.path.isdir(run_dir):
         raise UserError(f"--load_path {run_dir} is not a directory; give a run directory such as model_weights/<uid>")
-    if not rundir.list_checkpoints(run_dir, cli.epochs):
+    if not rundir.list_checkpoints(run_dir, cli.epochs) and not rundir.result_epochs(run_dir):
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
     args = run_arguments(cli, explicit_args(parser, argv))
     rundir.results_dir(run_dir)  # refuses a file in the way before any work
     device = get_device(args.gpu_id, args.device)
     with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated"):
-        return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device)
+        return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs)
 
 
-def validate(args, run_dir, checkpoints, device):
+def validate(args, run_dir, checkpoints, device, max_epoch=None):
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     model, channels_last = models.build_on_device(args, data.num_classes, device)
-    train_loader, test_loader = datasets.make_loaders(data, args.batch_size, device, args.loader, train=False,
-                                                      num_workers=args.num_workers, channels_last=channels_last)
-    key = {"version": METRIC_VERSION, "data": data_key(data),
-           "model": {k: getattr(args, k, None) for k in MODEL_FLAGS}}
-    results, skipped, computed, t0 = {}, [], 0, time.time()
+    measurement = Measurement(run_dir, args, data, model, device, channels_last, args.batch_size)
+    # Epochs measured during training whose checkpoints were not kept: their results are all there is.
+    results = {e: r for e, r in measurement.stored_results(max_epoch).items()
+               if not os.path.exists(rundir.checkpoint_path(run_dir, e))}
+    skipped, computed, t0 = [], 0, time.time()
     for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True):
-        # stat before loading: should training replace the file in between, the result is keyed to
-        # the old file and is computed again on the next run, never wrongly reused
-        checkpoint_key = dict(key, checkpoint=rundir.checkpoint_id(path))
-        result = rundir.read_result(run_dir, epoch, checkpoint_key)
+        result = measurement.stored(epoch)
         if result is None:
             reason = load_checkpoint(model, path, device)
             if reason is None:
-                try:
-                    result = evaluate(model, train_loader, test_loader, data.num_classes)
-                except (RuntimeError, ValueError) as e:  # e.g. an SVD that does not converge
-                    reason = f"its metrics cannot be computed ({' '.join(str(e).split())[:120]})"
+                result, reason = measurement.measure(epoch)
             if reason is not None:
                 warnings.warn(f"skipping {path}: {reason}")
                 skipped.append(path)
                 continue
-            rundir.write_result(run_dir, epoch, checkpoint_key, result)
             computed += 1
         results[epoch] = result
     if not results:
         raise UserError(f"none of the {len(checkpoints)} checkpoints in {run_dir} could be evaluated; "
                         "were they written by this repository for this model?")
 
-    info = rundir.write_info(run_dir, results, INFO_KEYS, format_line)
+    info = write_info(run_dir, results)
     epochs = info["epochs"]
-    print(f"validated {len(epochs)} checkpoints ({computed} computed, {len(epochs) - computed} reused, "
+    print(f"validated {len(epochs)} epochs ({computed} computed, {len(epochs) - computed} reused, "
           f"{len(skipped)} skipped) in {time.time() - t0:.1f} s; wrote {run_dir}/{rundir.INFO}")
     print("last " + format_line(epochs[-1], results[epochs[-1]]))
     return info
+
+
+def write_info(run_dir, results):
+    """info.pkl and test_log.txt of results = {epoch: result}."""
+    return rundir.write_info(run_dir, results, INFO_KEYS, format_line)
 
 
 def format_line(epoch, r):

@@ -10,6 +10,11 @@
 
 Each pipeline runs one warm-up pass, then a timed pass over the same images (the DataLoader's
 workers persist, so their start is not timed). The last line is `ratio: <(b) / (a)>` in images/s.
+
+With --nc_every N, (b)'s model is then measured as training measures it (validate_NC.evaluate over
+the training images without augmentation and a test set a fifth of their number, as CIFAR-10's,
+at validation's batch size), and the last line is `nc_overhead: <NC pass / N training epochs>`,
+the share of an epoch's time that measuring NC every N epochs adds.
 """
 import argparse
 import os
@@ -26,6 +31,8 @@ import datasets  # noqa: E402
 from args import add_model_args  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
+import validate_NC  # noqa: E402
+from args import VALIDATION_BATCH  # noqa: E402
 from train_1st_order import first_order_step  # noqa: E402
 from utils import make_criterion, make_optimizer  # noqa: E402
 
@@ -43,6 +50,7 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cuda_graph", action="store_true", help="(b) replays each step as one CUDA graph")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--nc_every", type=int, default=0, help="also time the NC pass of training with --nc_every N")
     return p.parse_args(argv)
 
 
@@ -53,7 +61,8 @@ def get_data(args):
         with np.load(datasets.MNIST_SAMPLE) as f:
             raw, labels = f["images"], f["labels"].astype(np.int64)
         n = args.num_samples or len(labels)
-        raw, labels = raw[:n], labels[:n]
+        spread = np.arange(n) * len(labels) // n  # the file is sorted by class: every class, evenly
+        raw, labels = raw[spread], labels[spread]
         mean, std = datasets.MNIST_STATS
         transform = T.Compose([T.Grayscale(3), T.Resize(32), T.ToTensor(), T.Normalize(0.1307, 0.3081)])
         return raw, datasets._mnist_to_32x32x3(raw), labels, transform, (mean, std), False
@@ -138,6 +147,16 @@ def main(argv=None):
     print(f"(a) authors' pipeline: {a:10,.0f} images/s")
     print(f"(b) this repository:   {b:10,.0f} images/s (warm-up pass, with any compilation: {t_warm:.1f} s)")
     print(f"ratio: {b / a:.2f}")
+    if args.nc_every > 0:
+        kw = dict(batch_size=VALIDATION_BATCH, mean=mean, std=std, device=device, channels_last=channels_last)
+        train_eval = datasets.DeviceLoader(images, labels, **kw)
+        test = datasets.DeviceLoader(images[::5], labels[::5], **kw)
+        n_test = test.num_samples
+        measure = lambda: validate_NC.evaluate(model, train_eval, test, model.fc.out_features)
+        measure()  # warm-up
+        t_nc = timed(measure, device)
+        print(f"NC pass: {t_nc:.2f} s over {n} + {n_test} images; a training epoch: {t_b:.2f} s")
+        print(f"nc_overhead: {t_nc / args.nc_every / t_b:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ for path in (REPO, TESTS):
 import fake_data  # noqa: E402
 
 # The smallest training run that exercises a whole script: an MLP of width 32 on 10 images per class.
+# NC is measured after training (validate_NC.py) unless a test asks for it in-run (--nc_every).
 TINY_RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mnist_sample", "--device", "cpu",
-            "--sample_size", "10", "--batch_size", "50", "--num_workers", "0", "--epochs", "2"]
+            "--sample_size", "10", "--batch_size", "50", "--num_workers", "0", "--epochs", "2", "--nc_every", "0"]
 
 
 @pytest.fixture

@@ -23,3 +23,14 @@ def test_bench_prints_its_ratio(script, flags):
     assert last.startswith("ratio: ") and float(last.split()[1]) > 0
     if script == "bench/validate.py":
         assert "end_to_end_ratio: " in out.stdout
+
+
+def test_train_bench_prints_the_nc_overhead():
+    flags = ["--width", "64", "--depth", "1", "--num_samples", "512", "--num_workers", "0", "--device", "cpu",
+             "--nc_every", "2"]
+    out = subprocess.run([sys.executable, "bench/train.py", *flags], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert any(line.startswith("ratio: ") for line in lines) and lines[-1].startswith("nc_overhead: ")
+    assert 0 < float(lines[-1].split()[1]) < 100

@@ -221,10 +221,11 @@ def commands(argv, capsys):
 
 
 @pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
-def test_runbook_commands_parse(figure, tmp_path, capsys):
+@pytest.mark.parametrize("every_checkpoint", [False, True])
+def test_runbook_commands_parse(figure, every_checkpoint, tmp_path, capsys):
     module = FIGURE_SCRIPTS[figure]
     for root in ("model_weights", str(tmp_path / "runs")):
-        cmds, _ = commands(["--figure", figure, "--root", root], capsys)
+        cmds, _ = commands(["--figure", figure, "--root", root] + ["--every_checkpoint"] * every_checkpoint, capsys)
         trained, validated = [], []
         for cmd in cmds[:-1]:
             assert cmd[0] == "python"
@@ -243,8 +244,11 @@ def test_runbook_commands_parse(figure, tmp_path, capsys):
             assert a.save_dir == root and not a.resume
             if a.optimizer == "LBFGS":
                 assert a.history_size == 10 and a.batch_size == 512
+            # by default a run measures itself and keeps every 50th checkpoint; else the authors' two steps
+            assert (a.nc_every, a.save_every) == ((0, 1) if every_checkpoint else (1, 50))
             trained.append(a.uid)
-        assert trained == validated == list(table(module).values())
+        assert trained == list(table(module).values())
+        assert validated == (trained if every_checkpoint else [])
         last = cmds[-1]
         assert last[:2] == ["python", f"{module.__name__}.py"]
         assert last[2:] == ([] if root == "model_weights" else ["--root", root])
@@ -268,7 +272,7 @@ def test_runbook_skips_complete_and_resumes_partial(tmp_path, capsys):
     os.makedirs(root / lbfgs)
     (root / lbfgs / "args.json").write_text("{}")
     (root / lbfgs / "epoch_200.pth").write_bytes(b"")  # trained, not validated
-    cmds, lines = commands(["--figure", "optim", "--root", str(root), "--gpu_id", "1"], capsys)
+    cmds, lines = commands(["--figure", "optim", "--root", str(root), "--gpu_id", "1", "--every_checkpoint"], capsys)
     assert any(line.startswith("#") and sgd in line and "skipped" in line for line in lines)
     assert not any(sgd in " ".join(c) for c in cmds)
     adam_train = [c for c in cmds if c[1] == "train_1st_order.py"]
@@ -278,12 +282,16 @@ def test_runbook_skips_complete_and_resumes_partial(tmp_path, capsys):
     assert not any(c[1] == "train_2nd_order.py" for c in cmds)
     validated = [os.path.basename(c[c.index("--load_path") + 1]) for c in cmds if c[1] == "validate_NC.py"]
     assert validated == [adam, lbfgs]
+    # by default the resumed run measures itself: only the run trained without measuring is validated
+    cmds, _ = commands(["--figure", "optim", "--root", str(root)], capsys)
+    validated = [os.path.basename(c[c.index("--load_path") + 1]) for c in cmds if c[1] == "validate_NC.py"]
+    assert validated == [lbfgs] and sum(c[1] == "train_1st_order.py" for c in cmds) == 1
 
 
 def test_runbook_smoke_epochs(tmp_path, capsys):
     root = tmp_path / "runs"
     write_run(root, table(plot_k_rmse)[r"$\alpha=5$"], epochs=2)  # complete for a 2-epoch smoke test
-    cmds, _ = commands(["--figure", "k", "--root", str(root), "--epochs", "2"], capsys)
+    cmds, _ = commands(["--figure", "k", "--root", str(root), "--epochs", "2", "--every_checkpoint"], capsys)
     train = [args_module.train_parser().parse_args(c[2:]) for c in cmds if c[1] == "train_1st_order.py"]
     valid = [args_module.validate_parser().parse_args(c[2:]) for c in cmds if c[1] == "validate_NC.py"]
     assert len(train) == len(valid) == 3 and all(a.epochs == 2 for a in train + valid)
@@ -301,7 +309,7 @@ def test_runbook_run_stops_at_first_failure(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(experiments, "call", fake_call)
     with pytest.raises(SystemExit) as e:
-        run_main(experiments.main, ["--figure", "etf", "--root", str(tmp_path), "--run"])
+        run_main(experiments.main, ["--figure", "etf", "--root", str(tmp_path), "--run", "--every_checkpoint"])
     assert e.value.code == 2 and len(calls) == 3
     assert os.path.basename(calls[0][1]) == "train_1st_order.py" and os.path.basename(calls[1][1]) == "validate_NC.py"
     err = capsys.readouterr().err

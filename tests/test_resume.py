@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
 EPOCHS = 4
 BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
 RUN = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "20",
-       "--batch_size", "32", "--device", "cpu", "--num_workers", "0"]
+       "--batch_size", "32", "--device", "cpu", "--num_workers", "0", "--nc_every", "0"]
 # Fake CIFAR-10 (20 images per class) with --SOTA crop/flip augmentation, which draws random numbers
 # every batch: from the global torch generator in the DataLoader path (--loader torch, no workers),
 # from the loader's own generator in the device path. CIFAR10_DIR is filled in by the `runs` fixture.
