@@ -19,7 +19,7 @@ import sys
 
 import rundir
 import runs
-from args import Parser, path, positive_int
+from args import VALIDATION_BATCH, Parser, path, positive_int
 from utils import UserError, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,7 +71,7 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
                 steps.append((runs.training_script(runs.parse(flags)), train + keeping + common))
                 if not every_checkpoint:
                     continue  # the run measures itself
-            validate = ["--load_path", run_dir, "--batch_size", str(runs.VALIDATION_BATCH)]
+            validate = ["--load_path", run_dir, "--batch_size", str(VALIDATION_BATCH)]
             if epochs != runs.EPOCHS:
                 validate += ["--epochs", str(epochs)]
             steps.append(("validate_NC.py", validate + common))

@@ -4,13 +4,13 @@ run directories are found under the same names. The runbook (experiments.py) and
 scripts read this table; nothing else lists the runs.
 
 Every run trains for 200 epochs with the training scripts' defaults for what the flags leave
-out (weight decay 5e-4, StepLR every 40 epochs by 0.1, seed 6, batch 128) and is validated with
-batch 1024. Two slips of the authors' own command list are mended: LBFGS runs through
+out (weight decay 5e-4, StepLR every 40 epochs by 0.1, seed 6, batch 128) and is measured with
+validation's batch of 1024. Two slips of the authors' own command list are mended: LBFGS runs through
 train_2nd_order.py, and its run name says batch size 512, as their plot script expects.
 """
 import shlex
 
-from args import VALIDATION_BATCH, train_parser  # noqa: F401 (the runbook's validation batch)
+from args import train_parser
 
 EPOCHS = 200
 
