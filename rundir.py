@@ -152,9 +152,13 @@ def read_metrics(run_dir):
 
 def truncate_metrics(run_dir, last_epoch):
     """Keep the records of epochs up to last_epoch (a resumed run trains the later ones again)."""
-    if os.path.exists(os.path.join(run_dir, METRICS)):
-        lines = "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir) if r["epoch"] <= last_epoch)
-        atomic_write(os.path.join(run_dir, METRICS), lambda f: f.write(lines.encode()))
+    path = os.path.join(run_dir, METRICS)
+    if os.path.exists(path):
+        kept = "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir) if r["epoch"] <= last_epoch)
+        with open(path) as f:
+            if f.read() == kept:  # nothing to cut: the file stays as it is
+                return
+        atomic_write(path, lambda f: f.write(kept.encode()))
 
 
 def clear(run_dir, patterns=RUN_FILES):
