@@ -62,8 +62,8 @@ def data_key(data):
 
 class Measurement:
     """Measures one run's model on one data set and keeps each epoch's result in the run directory,
-    keyed to everything it depends on: the metric code's version, the data, the model flags, the
-    batch size, and the epoch's checkpoint file (its size and mtime; None when the epoch's checkpoint
+    keyed to everything it depends on: the metric code's version, the data, the model flags, and
+    the epoch's checkpoint file (its size and mtime; None when the epoch's checkpoint
     was not kept, as training with --save_every leaves it). validate_NC.py and training with
     --nc_every measure through this one class, so their results are the same and each reuses the other's."""
 
@@ -72,7 +72,8 @@ class Measurement:
         self.train_loader, self.test_loader = datasets.make_loaders(
             data, batch_size, device, args.loader, train=False, num_workers=args.num_workers,
             channels_last=channels_last)
-        self.key = {"version": METRIC_VERSION, "data": data_key(data), "batch_size": batch_size,
+        # Not keyed to the batch size: it changes no formula, only how sums are rounded.
+        self.key = {"version": METRIC_VERSION, "data": data_key(data),
                     "model": {k: getattr(args, k, None) for k in MODEL_FLAGS}}
 
     def key_of(self, epoch):
@@ -208,6 +209,11 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None):
     # Epochs measured during training whose checkpoints were not kept: their results are all there is.
     results = {e: r for e, r in measurement.stored_results(max_epoch).items()
                if not os.path.exists(rundir.checkpoint_path(run_dir, e))}
+    lost = [e for e in rundir.result_epochs(run_dir) if (max_epoch is None or e <= max_epoch) and e not in results
+            and not os.path.exists(rundir.checkpoint_path(run_dir, e))]
+    if lost:
+        warnings.warn(f"{len(lost)} epochs (from {lost[0]}) were measured during training on other data or by "
+                      "other code, and their checkpoints were not kept: they cannot be measured here and are left out")
     skipped, computed, t0 = [], 0, time.time()
     for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True):
         result = measurement.stored(epoch)

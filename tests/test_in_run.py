@@ -162,3 +162,11 @@ def test_resume_may_change_nc_every_and_save_every(tmp_path):
 def test_bad_nc_every_and_save_every_are_refused(tmp_path, capsys, flags, needle):
     assert needle in refused(capsys, train_1st_order.main, argv(tmp_path, "bad", *flags))
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_validation_with_another_batch_size_keeps_every_epoch(runs, tmp_path, capsys):
+    """The batch size changes how sums round, not what is measured: the recorded results stand."""
+    run = shutil.copytree(runs["ref"], tmp_path / "run")
+    capsys.readouterr()
+    validate_NC.main(["--load_path", str(run), "--device", "cpu", "--batch_size", "64"])
+    assert "validated 5 epochs (0 computed, 5 reused, 0 skipped)" in capsys.readouterr().out
