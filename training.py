@@ -283,7 +283,7 @@ def train(args, step, device, run_dir):
     else:
         print(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
               f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/"
-              + (f", NC of {len(results)} epochs in {run_dir}/{rundir.INFO}" if results else ""))
+              + (f", NC of {len(results)} epoch{'s' * (len(results) != 1)} in {run_dir}/{rundir.INFO}" if results else ""))
     return run_dir
 
 
