@@ -88,6 +88,7 @@ def test_strict_saddles_and_the_escape():
         p = ufm.saddle(model, r)
         assert p["grad_norm"] < 1e-10
         assert p["lambda_min"] == pytest.approx(expected, rel=1e-8) and p["lambda_min"] < 0
+        assert p["negative"] == (K - 1 - r) * (d - r)  # one per (missing target, unused feature) direction pair
         assert p["value"] > form["value"]
         assert model.f(p["theta"]).item() == pytest.approx(p["value"], rel=1e-12)
     end = ufm.escape(model, ufm.saddle(model, K - 2), eps=1e-3, iters=5000)
