@@ -215,7 +215,7 @@ def optimise(ufm, optimizer="LBFGS", iters=200, lr=None, theta0=None, init_scale
         opt = torch.optim.SGD([theta], lr=lr, momentum=momentum)
     elif optimizer == "Adam":
         opt = torch.optim.Adam([theta], lr=lr)
-    else:
+    else:  # max_eval: torch's default, 1.25 max_iter = 1, would leave the line search no evaluation
         opt = torch.optim.LBFGS([theta], lr=lr, max_iter=1, max_eval=25, history_size=50, line_search_fn="strong_wolfe",
                                 tolerance_grad=0.0, tolerance_change=0.0)
     g = torch.Generator().manual_seed(seed + 1)
