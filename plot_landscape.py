@@ -1,0 +1,97 @@
+"""Figure: the loss of one feature h under a fixed simplex-ETF classifier W, as a function of its
+norm ||h|| and of its angle to w_k (its class's classifier row), for cross-entropy, MSE and
+rescaled MSE: one heatmap per loss.
+
+    python plot_landscape.py [--K 4] [--M 3 --k 5] [--out_dir figures/plot_landscape]
+
+W = scale * models.simplex_etf(K, K) (unit rows, W W^T = K/(K-1) (I - 11^T/K)), b = 0, class k = 0.
+h = ||h|| (cos(angle) w_0 + sin(angle) u), u the unit vector in the plane of w_0 and w_1 orthogonal
+to w_0 and on w_1's side: turning h away from w_0 turns it towards a competitor, the hardest way.
+The data term of one sample is ufm.per_sample_loss (MSE: 1/2 ||z - e_k||^2; rescaled MSE:
+1/2 [k (z_k - M)^2 + sum_{j != k} z_j^2]); --lambda_H adds lambda_H/2 ||h||^2. The white line is the
+best norm at each angle; the dashed line is where h stops being classified as class 0.
+"""
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ufm  # noqa: E402
+from args import Parser, nonnegative_float, path, positive_float, positive_int  # noqa: E402
+from models import simplex_etf  # noqa: E402
+from utils import UserError, run_main  # noqa: E402
+
+PANELS = ("CrossEntropy", "MSE", "RescaledMSE")
+
+
+def landscape(loss, K=4, M=3.0, k=5.0, scale=1.0, lambda_H=0.0, r_max=4.0, points=201):
+    """(norms (R,), angles (A,) in degrees, loss values (A, R)) of one class-0 feature."""
+    W = scale * simplex_etf(K, K).to(torch.float64)  # (K, K), unit rows times scale
+    w0 = W[0] / W[0].norm()
+    u = W[1] - (W[1] @ w0) * w0
+    u = u / u.norm()
+    norms = torch.linspace(0, r_max, points, dtype=torch.float64)
+    angles = torch.linspace(0, math.pi, points, dtype=torch.float64)
+    h = norms[None, :, None] * (torch.cos(angles)[:, None, None] * w0 + torch.sin(angles)[:, None, None] * u)  # (A, R, K)
+    z = h.reshape(-1, K) @ W.T  # logits, b = 0
+    y = torch.zeros(len(z), dtype=torch.int64)
+    values = ufm.per_sample_loss(z, y, loss, M, k).reshape(points, points) + lambda_H / 2 * norms[None, :] ** 2
+    correct = (z.argmax(1) == 0).reshape(points, points)
+    return norms.numpy(), np.degrees(angles.numpy()), values.numpy(), correct.numpy()
+
+
+def draw(loss, args):
+    norms, angles, values, correct = landscape(loss, args.K, args.M, args.k, args.scale, args.lambda_H,
+                                               args.r_max, args.points)
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    mesh = ax.pcolormesh(norms, angles, np.log10(values + 1e-12), shading="auto", cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label="log10 loss")
+    ax.contour(norms, angles, np.log10(values + 1e-12), levels=12, colors="k", linewidths=0.5, alpha=0.5)
+    ax.plot(norms[values.argmin(1)], angles, color="white", linewidth=2, label="best norm")
+    edge = angles[np.argmax(~correct[:, -1])] if (~correct[:, -1]).any() else None
+    if edge is not None:
+        ax.axhline(edge, color="red", linestyle="--", linewidth=1.5, label="misclassified beyond")
+    title = {"CrossEntropy": "cross-entropy", "MSE": "MSE", "RescaledMSE": f"rescaled MSE (M={args.M:g}, k={args.k:g})"}
+    ax.set_title(f"{title[loss]}, K={args.K}")
+    ax.set_xlabel(r"$\|h\|$")
+    ax.set_ylabel(r"angle between $h$ and $w_k$ (degrees)")
+    ax.legend(loc="lower right", fontsize=9)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = os.path.join(args.out_dir, f"landscape_{loss}.{ext}")
+        fig.savefig(p, bbox_inches="tight", dpi=100, metadata={"CreationDate": None} if ext == "pdf" else None)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--K", type=positive_int, default=4, help="classes (default: %(default)s)")
+    p.add_argument("--M", type=positive_float, default=3.0, help="rescaled MSE's target (default: %(default)s)")
+    p.add_argument("--k", type=positive_float, default=5.0, help="rescaled MSE's true-class weight (default: %(default)s)")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="norm of each row of W (default: %(default)s)")
+    p.add_argument("--lambda_H", type=nonnegative_float, default=0.0, help="feature penalty (default: %(default)s)")
+    p.add_argument("--r_max", type=positive_float, default=4.0, help="largest ||h|| drawn (default: %(default)s)")
+    p.add_argument("--points", type=positive_int, default=201, help="grid points per axis (default: %(default)s)")
+    p.add_argument("--out_dir", type=path, default=os.path.join("figures", "plot_landscape"),
+                   help="where the .png and .pdf files go (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.K < 2:
+        raise UserError(f"--K {args.K}: a simplex ETF needs at least 2 classes")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write figures to --out_dir {args.out_dir} ({e.strerror}): choose another folder")
+    written = [q for loss in PANELS for q in draw(loss, args)]
+    print(f"wrote {len(written) // 2} figures (png and pdf) to {args.out_dir}/")
+    return written
+
+
+if __name__ == "__main__":
+    run_main(main)

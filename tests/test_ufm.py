@@ -1,0 +1,184 @@
+"""The unconstrained feature model (ufm.py): the closed form against optimisers, the strict saddles
+and the escape from one, the Hessian at the optimum, the run directory, and bad input."""
+import math
+import os
+import pickle
+
+import pytest
+import torch
+
+import ufm
+from conftest import refused
+
+SETTINGS = [  # (K, n, d, lambda_W, lambda_H, bias): c < 1; c < 1 unequal lambdas; no bias; c >= 1; d < K - 1
+    (4, 5, 8, 0.01, 0.01, True),
+    (3, 4, 5, 0.02, 0.005, True),
+    (4, 3, 6, 0.01, 0.02, False),
+    (4, 5, 8, 0.3, 0.3, True),
+    (5, 3, 2, 0.01, 0.01, True),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(single_thread):
+    """Problems of a few hundred variables: a second thread only contends."""
+
+
+@pytest.mark.parametrize("K, n, d, lW, lH, bias", SETTINGS)
+def test_closed_form_matches_lbfgs(K, n, d, lW, lH, bias):
+    model = ufm.UFM(K, n, d, lW, lH, bias=bias)
+    form = ufm.closed_form(model)
+    theta = ufm.minimise(model, seed=1)
+    W, _, b = model.split(theta)
+    assert model.f(theta).item() == pytest.approx(form["value"], rel=1e-8)
+    if form["W_sq_norm"] > 0:
+        assert W.pow(2).sum().item() == pytest.approx(form["W_sq_norm"], rel=1e-5)
+    else:  # c >= 1: the minimiser is W = H = 0
+        assert model.c >= 1 and W.pow(2).sum().item() < 1e-8
+    if bias:
+        torch.testing.assert_close(b, form["b"], atol=1e-5, rtol=0)
+
+
+def test_closed_form_value_is_the_objective_at_its_point_which_is_critical():
+    for K, n, d, lW, lH, bias in SETTINGS:
+        model = ufm.UFM(K, n, d, lW, lH, bias=bias)
+        form = ufm.closed_form(model)
+        assert model.f(form["theta"]).item() == pytest.approx(form["value"], rel=1e-12)
+        assert model.grad(form["theta"]).norm().item() < 1e-10
+    # the derivation's formula: f* = (K-1)/(2K) c (2 - c) with a bias, c (2 - c)/2 without
+    model = ufm.UFM(4, 5, 8, 0.01, 0.01)
+    assert ufm.closed_form(model)["value"] == pytest.approx(3 / 8 * model.c * (2 - model.c), rel=1e-14)
+    model = ufm.UFM(4, 5, 8, 0.01, 0.01, bias=False)
+    assert ufm.closed_form(model)["value"] == pytest.approx(model.c * (2 - model.c) / 2, rel=1e-14)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nc_metrics_at_the_closed_form_point(bias):
+    model = ufm.UFM(4, 5, 8, 0.01, 0.02, bias=bias)
+    form = ufm.closed_form(model)
+    out = model.metrics(form["theta"])
+    assert max(abs(out["NC1"]), out["NC2"], out["NC3"]) < 1e-10
+    # NC4 = ||W mu_G + b|| is not 0 at the optimum: ||b*|| = 1/sqrt(K) with a bias, (1 - c)/sqrt(K) without
+    assert out["NC4"] == pytest.approx(0.5 if bias else (1 - model.c) / 2, abs=1e-10)
+    assert out["NC4"] == pytest.approx(form["expected_nc"]["NC4"], abs=1e-12)
+    assert out["train_acc1"] == 100.0
+    W, _, _ = model.split(form["theta"])
+    T = torch.eye(4, dtype=torch.float64) - (0.25 if bias else 0.0)
+    torch.testing.assert_close(W @ W.T, form["scale"] * T, atol=1e-12, rtol=0)
+
+
+def test_the_data_terms_are_the_losses_of_losses_py():
+    model = ufm.UFM(3, 4, 5, 0.01, 0.01)
+    W, H, b = model.split(model.random_point(1.0, seed=3))
+    z = (W @ H + b[:, None]).T
+    assert model.data_term(W, H, b).item() == pytest.approx(((z.T - model.Y) ** 2).sum().item() / (2 * model.N), rel=1e-13)
+    for loss, M, k in (("MSE", 1, 1), ("RescaledMSE", 3.0, 5.0), ("CrossEntropy", 1, 1)):
+        model = ufm.UFM(3, 4, 5, 0.01, 0.01, loss=loss, M=M, k=k)
+        expected = ufm.per_sample_loss(z, model.y, loss, M, k).mean().item()
+        assert model.data_term(W, H, b).item() == pytest.approx(expected, rel=1e-13), loss
+
+
+def test_strict_saddles_and_the_escape():
+    K, n, d, lam = 4, 5, 8, 0.01
+    model = ufm.UFM(K, n, d, lam, lam)
+    form = ufm.closed_form(model)
+    # each inactive direction bends down by (lW + lH)/2 - sqrt(((lW - lH)/2)^2 + 1/(K^2 n))
+    expected = lam - 1 / (K * math.sqrt(n))
+    for r in range(K - 1):
+        p = ufm.saddle(model, r)
+        assert p["grad_norm"] < 1e-10
+        assert p["lambda_min"] == pytest.approx(expected, rel=1e-8) and p["lambda_min"] < 0
+        assert p["negative"] == (K - 1 - r) * (d - r)  # one per (missing target, unused feature) direction pair
+        assert p["value"] > form["value"]
+        assert model.f(p["theta"]).item() == pytest.approx(p["value"], rel=1e-12)
+    end = ufm.escape(model, ufm.saddle(model, K - 2), eps=1e-3, iters=5000)
+    assert model.f(end).item() == pytest.approx(form["value"], rel=1e-8)
+    assert model.metrics(end)["NC2"] < 1e-6
+
+
+def test_hessian_at_the_global_minimum_has_only_the_rotation_zeros():
+    model = ufm.UFM(3, 3, 4, 0.01, 0.01)
+    sp = ufm.spectrum(model, ufm.minimise(model))
+    eig = sp["eigenvalues"]
+    assert eig.min().item() > -1e-8 * eig.abs().max().item()  # no negative curvature beyond rounding
+    # rotations W -> W Q^T, H -> Q H of the d = 4 dimensions, W of rank 2: 6 - 1 = 5 zero directions
+    assert sp["orbit_dim"] == 5 == sp["near_zero"]
+    assert sp["lambda_min_pos"] > 1e-3 and math.isfinite(sp["cond"])
+
+
+def test_spectrum_mode_for_rescaled_mse(capsys):
+    rows = ufm.main(["--spectrum", "--K", "3", "--n", "2", "--d", "3", "--lambda_W", "0.01", "--lambda_H", "0.01",
+                     "--Ms", "1", "3", "--ks", "1", "5", "--plot_dir", ""])
+    assert [(r["M"], r["k"]) for r in rows] == [(1.0, 1.0), (3.0, 1.0), (1.0, 5.0)]
+    for r in rows:
+        assert r["grad_norm"] < 1e-7 and r["orbit_dim"] == r["near_zero"] and r["lambda_min_pos"] > 0
+    assert "cond" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optimizer", ["GD", "SGD", "Adam"])
+def test_first_order_optimisers_decrease_the_objective(optimizer):
+    model = ufm.UFM(3, 4, 5, 0.01, 0.01)
+    start = model.random_point(0.1, seed=0)
+    end = ufm.optimise(model, optimizer, iters=300, theta0=start, batch_size=3)
+    assert model.f(end).item() < 0.5 * model.f(start).item()
+
+
+def test_the_script_writes_a_run_directory(tmp_path, capsys):
+    out = tmp_path / "ufm_run"
+    ufm.main(["--K", "3", "--n", "4", "--d", "4", "--lambda_W", "0.01", "--lambda_H", "0.01", "--iters", "60",
+              "--log_every", "5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "closed form" in printed and "f - f*" in printed
+    with open(out / "info.pkl", "rb") as f:
+        info = pickle.load(f)
+    for key in ("collapse_metric", "ETF_metric", "WH_relation_metric", "Wh_b_relation_metric", "train_acc1",
+                "objective", "grad_norm"):
+        assert len(info[key]) == len(info["epochs"]), key
+    assert info["epochs"][0] == 0 and info["epochs"] == sorted(info["epochs"])
+    assert info["train_acc1"][-1] == 100.0 and info["collapse_metric"][-1] < 1e-8
+    assert os.path.exists(out / "args.json") and os.path.exists(out / "test_log.txt")
+
+
+@pytest.mark.slow
+def test_plot_runs_draws_a_ufm_run(tmp_path):
+    import plot_runs
+    out = tmp_path / "ufm_run"
+    ufm.main(["--K", "3", "--n", "3", "--d", "3", "--optimizer", "GD", "--iters", "40", "--out", str(out)])
+    written = plot_runs.main([str(out), "--out_dir", str(tmp_path / "figs")])
+    assert any(p.endswith("NC1.png") for p in written) and all(os.path.exists(p) for p in written)
+
+
+@pytest.mark.slow
+def test_plot_landscape_writes_its_figures(tmp_path):
+    import plot_landscape
+    written = plot_landscape.main(["--points", "21", "--out_dir", str(tmp_path)])
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(f"landscape_{loss}.{ext}" for loss in ("CrossEntropy", "MSE", "RescaledMSE")
+                           for ext in ("png", "pdf"))
+    assert all(os.path.getsize(p) > 0 for p in written)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--lambda_W", "0"], ["--lambda_H", "-1"], ["--lambda_b", "-0.1"], ["--K", "1"], ["--n", "0"],
+    ["--loss", "Hinge"], ["--optimizer", "RMSprop"], ["--d", "0"],
+])
+def test_bad_input_is_refused_in_one_line(capsys, argv):
+    refused(capsys, ufm.main, argv)
+
+
+def test_bad_values_through_the_api():
+    for kwargs in ({"K": 1}, {"n": 0}, {"lambda_W": 0.0}, {"lambda_b": -1.0}, {"loss": "Hinge"}):
+        args = {**dict(K=3, n=2, d=3, lambda_W=0.01, lambda_H=0.01), **kwargs}
+        with pytest.raises(ufm.UserError):
+            ufm.UFM(**args)
+    with pytest.raises(ufm.UserError, match="optimizer"):
+        ufm.optimise(ufm.UFM(3, 2, 3, 0.01, 0.01), "Newton")
+
+
+@pytest.mark.parametrize("extra, what", [(["--d", "2", "--K", "4"], "d = 2 < K - 1"),
+                                         (["--no-bias", "--d", "3", "--K", "4"], "d = 3 < K"),
+                                         (["--lambda_b", "0.01"], "lambda_b")])
+def test_failed_assumptions_run_with_one_warning(tmp_path, capsys, extra, what):
+    ufm.main(["--n", "2", "--iters", "5", "--out", str(tmp_path / "run")] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and what in err[0], err
