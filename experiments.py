@@ -11,16 +11,23 @@ trained but not validated gets only its validation command; one whose training s
 continued with --resume. So the runbook can be stopped (Ctrl-C, or a kill
 of this process, which stops the command it is running) and restarted at any point.
 """
+import argparse
+import concurrent.futures
 import os
+import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 
 import rundir
 import runs
 from args import VALIDATION_BATCH, Parser, path, positive_int
-from utils import UserError, run_main
+from utils import UserError, atomic_write, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ROOT = "model_weights"
@@ -31,7 +38,8 @@ SAVE_EVERY = 50
 
 
 def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=False):
-    """The runbook as a list of ('#', comment) and (script, [arguments]) steps."""
+    """The runbook: a list of ('#', comment), ('run', run_dir, [steps]) and ('plot', [run dirs], step)
+    items, a step being (script, [arguments])."""
     common = []
     if gpu_id is not None:
         common += ["--gpu_id", str(gpu_id)]
@@ -42,23 +50,26 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
     keeping = ["--nc_every", "0", "--save_every", "1"] if every_checkpoint else \
         ["--nc_every", "1", "--save_every", str(SAVE_EVERY)]
     default_root = os.path.normpath(root) == DEFAULT_ROOT
-    steps, seen = [], set()
+    items, seen = [], set()
     for figure in figures:
         plot_script, table = runs.FIGURES[figure]
-        steps.append(("#", f"figure {figure} ({plot_script}): {len(table)} runs"))
+        items.append(("#", f"figure {figure} ({plot_script}): {len(table)} runs"))
+        run_dirs = []
         for flags in table.values():
             uid = runs.run_name(runs.parse(flags))
+            run_dir = os.path.join(root, uid)
+            run_dirs.append(run_dir)
             if uid in seen:
-                steps.append(("#", f"{uid}: already above"))
+                items.append(("#", f"{uid}: already above"))
                 continue
             seen.add(uid)
-            run_dir = os.path.join(root, uid)
             state = rundir.state(run_dir, epochs)
             if state == "done":
-                steps.append(("#", f"{uid}: skipped, its info.pkl covers epochs 1-{epochs}"))
+                items.append(("#", f"{uid}: skipped, its info.pkl covers epochs 1-{epochs}"))
                 continue
+            steps = []
             if state == "trained":
-                steps.append(("#", f"{uid}: trained; validation only"))
+                items.append(("#", f"{uid}: trained; validation only"))
             else:
                 train = ["--uid", uid] + shlex.split(flags)
                 if not default_root:
@@ -66,47 +77,199 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
                 if epochs != runs.EPOCHS:
                     train += ["--epochs", str(epochs)]
                 if state == "partial":
-                    steps.append(("#", f"{uid}: training started earlier; continued with --resume"))
+                    items.append(("#", f"{uid}: training started earlier; continued with --resume"))
                     train.append("--resume")
                 steps.append((runs.training_script(runs.parse(flags)), train + keeping + common))
-                if not every_checkpoint:
-                    continue  # the run measures itself
-            validate = ["--load_path", run_dir, "--batch_size", str(VALIDATION_BATCH)]
-            if epochs != runs.EPOCHS:
-                validate += ["--epochs", str(epochs)]
-            steps.append(("validate_NC.py", validate + common))
-        steps.append((plot_script, [] if default_root else ["--root", root]))
-    return steps
+            if state == "trained" or every_checkpoint:  # else the run measures itself
+                validate = ["--load_path", run_dir, "--batch_size", str(VALIDATION_BATCH)]
+                if epochs != runs.EPOCHS:
+                    validate += ["--epochs", str(epochs)]
+                steps.append(("validate_NC.py", validate + common))
+            items.append(("run", run_dir, steps))
+        items.append(("plot", run_dirs, (plot_script, [] if default_root else ["--root", root])))
+    return items
 
 
 def format_step(step):
     script, arguments = step
-    return f"# {arguments}" if script == "#" else shlex.join(["python", script] + arguments)
+    return shlex.join(["python", script] + arguments)
 
 
-def call(command):
-    """Run a command to its end. SIGTERM, SIGHUP or Ctrl-C of this process are passed on to it and
-    waited for, so that no training outlives the runbook (a restart would then train it twice)."""
-    caught, child = [], None
+def format_plan(items):
+    lines = []
+    for item in items:
+        if item[0] == "#":
+            lines.append(f"# {item[1]}")
+        elif item[0] == "run":
+            lines += [format_step(step) for step in item[2]]
+        else:
+            lines.append(format_step(item[2]))
+    return lines
 
-    def forward(signum, _frame):
-        caught.append(signum)
-        if child is not None:
-            child.send_signal(signum)
-    handlers = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+
+class Children:
+    """The commands the runbook runs now. A SIGTERM, SIGHUP or Ctrl-C of the runbook is passed on to
+    each of them and waited for, and no new one starts, so that no training outlives the runbook (a
+    restart would then train it twice). Each command runs in a session of its own, so a Ctrl-C at
+    the terminal reaches it once, through the runbook."""
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self):
+        self.live, self.lock, self.caught = set(), threading.Lock(), None
+
+    def run(self, command, log=None, env=None):
+        """Run a command to its end (its output to the file `log`, if given); its exit status."""
+        with self.lock:
+            if self.caught:
+                return 128 + self.caught
+            out = open(log, "a") if log else None
+            child = subprocess.Popen(command, start_new_session=True, env=env, stdout=out,
+                                     stderr=subprocess.STDOUT if out else None)
+            self.live.add(child)
+        try:
+            return child.wait()
+        finally:
+            with self.lock:
+                self.live.discard(child)
+            if out:
+                out.close()
+
+    def _forward(self, signum, _frame):
+        self.caught = self.caught or signum
+        with self.lock:
+            for child in self.live:
+                child.send_signal(signum)
+
+    @contextmanager
+    def listening(self):
+        """Forward signals while the body runs (in the main thread); exit 128 + signal if one came."""
+        handlers = {s: signal.signal(s, self._forward) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if self.caught:
+            print(f"stopped by signal {self.caught}: the commands it was running were stopped too", file=sys.stderr)
+            sys.exit(128 + self.caught)
+
+
+def call(command, log=None):
+    """Run one command as the runbook does, signals passed on."""
+    children = Children()
+    with children.listening():
+        return children.run(command, log)
+
+
+def command(script, arguments):
+    return [sys.executable, os.path.join(HERE, script)] + arguments
+
+
+def execute(items, jobs=1, gpus=None):
+    """Run the plan: each run's steps in order, up to `jobs` runs at a time, each on the next of
+    `gpus` (several runs may share one); a failed run does not stop the others. Then each figure's
+    plot, if all its runs succeeded. Returns {run_dir: (state, seconds)}."""
+    children, slots = Children(), queue.SimpleQueue()
+    for i in range(jobs):
+        slots.put(gpus[i % len(gpus)] if gpus else None)
+    env = None
+    if jobs > 1 and not gpus and "OMP_NUM_THREADS" not in os.environ:  # share the CPU's cores
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+
+    def run_steps(run_dir, steps):
+        gpu, t = slots.get(), time.time()
+        try:
+            for script, arguments in steps:
+                arguments = arguments + (["--gpu_id", str(gpu)] if gpu is not None else [])
+                log = None
+                if jobs > 1:  # one run's output per file: interleaved on a console it is unreadable
+                    os.makedirs(run_dir, exist_ok=True)
+                    log = os.path.join(run_dir, rundir.RUNBOOK_LOG)
+                code = children.run(command(script, arguments), log, env)
+                print(f"{'finished' if code == 0 else f'FAILED (exit {code})'}: {format_step((script, arguments))}"
+                      + (f" (log: {log})" if log else ""), flush=True)
+                if code != 0:
+                    return f"failed: {script} exit {code}", time.time() - t
+            return "done", time.time() - t
+        finally:
+            slots.put(gpu)
+
+    outcome = {}
+    with children.listening():
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run_steps, item[1], item[2]): item[1] for item in items if item[0] == "run"}
+            for future in concurrent.futures.as_completed(futures):
+                outcome[futures[future]] = future.result()
+        for item in items:
+            if item[0] == "plot" and all(outcome.get(d, ("done",))[0] == "done" for d in item[1]):
+                if children.run(command(*item[2])) != 0:
+                    outcome[item[2][0]] = ("failed", 0.0)
+    return outcome
+
+
+def submit(items, args):
+    """--slurm: one job per run, through submitit; each job runs the run's steps in order. The job
+    ids go to <root>/slurm_jobs.txt. With --cluster local the jobs run on this machine and the
+    runbook waits for them (a way to try the path without a cluster)."""
+    jobs = [(item[1], " && ".join(shlex.join(command(*step)) for step in item[2]))
+            for item in items if item[0] == "run"]
+    resources = dict(timeout_min=args.time, gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus,
+                     mem_gb=args.mem, slurm_partition=args.partition)
+    if args.dry_run:
+        for run_dir, line in jobs:
+            print(f"would submit {os.path.basename(run_dir)} ({', '.join(f'{k} {v}' for k, v in resources.items())}): {line}")
+        print(f"would submit {len(jobs)} jobs")
+        return {}
     try:
-        # In a session of its own, a Ctrl-C at the terminal reaches the command once, through us.
-        child = subprocess.Popen(command, start_new_session=True)
-        if caught:  # a signal came before the command existed
-            child.send_signal(caught[0])
-        code = child.wait()
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if caught:
-        print(f"stopped by signal {caught[0]}: {shlex.join(command[1:])} was stopped too", file=sys.stderr)
-        sys.exit(128 + caught[0])
-    return code
+        import submitit
+    except ImportError:
+        raise UserError("--slurm needs submitit: pip install submitit")
+    if args.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--slurm: no SLURM scheduler here (sbatch is not on PATH); run the runbook on a node "
+                        "that submits jobs, or --cluster local to try the path on this machine")
+    executor = submitit.AutoExecutor(folder=os.path.join(args.root, "slurm_logs", "%j"), cluster=args.cluster)
+    if args.cluster == "slurm":
+        executor.update_parameters(**{k: v for k, v in resources.items() if v is not None})
+    submitted = []
+    for run_dir, line in jobs:
+        executor.update_parameters(name=os.path.basename(run_dir)[:64])
+        job = executor.submit(submitit.helpers.CommandFunction(["bash", "-c", line], cwd=os.getcwd()))
+        submitted.append((run_dir, job))
+    ids = "".join(f"{job.job_id} {run_dir}\n" for run_dir, job in submitted)
+    os.makedirs(args.root, exist_ok=True)
+    atomic_write(os.path.join(args.root, "slurm_jobs.txt"), lambda f: f.write(ids.encode()))
+    print(f"submitted {len(submitted)} jobs; their ids are in {os.path.join(args.root, 'slurm_jobs.txt')}")
+    if args.cluster == "slurm":
+        return {}
+    outcome = {}
+    for run_dir, job in submitted:
+        t = time.time()
+        try:
+            job.result()
+            outcome[run_dir] = ("done", time.time() - t)
+        except Exception as e:  # the job's command failed: submitit re-raises it here
+            outcome[run_dir] = (f"failed: {' '.join(str(e).split())[:80]}", time.time() - t)
+    return outcome
+
+
+def summary(outcome):
+    width = max(len(os.path.basename(k)) for k in outcome)
+    return [f"{'run':<{width}}  state  seconds"] + \
+        [f"{os.path.basename(k):<{width}}  {state}  {seconds:.0f}" for k, (state, seconds) in outcome.items()]
+
+
+def gpu_list(text):
+    """--gpus 0,1,...: the GPUs that exist."""
+    try:
+        gpus = [int(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU ids such as 0,1, got {text!r}")
+    import torch
+    missing = [g for g in gpus if not 0 <= g < torch.cuda.device_count()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"GPU {missing[0]} does not exist (this machine has "
+                                         f"{torch.cuda.device_count()}); leave --gpus out to run on the CPU")
+    return gpus
 
 
 def main(argv=None):
@@ -114,7 +277,13 @@ def main(argv=None):
                epilog="figures: " + ", ".join(f"{f} ({script})" for f, (script, _) in runs.FIGURES.items()) + ", all")
     p.add_argument("--figure", default="all", choices=list(runs.FIGURES) + ["all"],
                    help="the figure whose runs to list (default: %(default)s)")
-    p.add_argument("--run", action="store_true", help="execute the commands in order, stopping at the first failure")
+    p.add_argument("--run", action="store_true",
+                   help="execute the commands: each run's in order; a failed run does not stop the others")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs at a time with --run (default: 1); each run's output then goes to "
+                        f"<run>/{rundir.RUNBOOK_LOG}")
+    p.add_argument("--gpus", type=gpu_list, default=None,
+                   help="with --run: spread the runs over these GPUs, e.g. 0,1 (several runs may share one)")
     p.add_argument("--root", type=path, default=DEFAULT_ROOT,
                    help="folder holding the run directories (training --save_dir; default: %(default)s)")
     p.add_argument("--gpu_id", type=int, default=None, help="passed to training and validation")
@@ -125,17 +294,34 @@ def main(argv=None):
                    help=f"the authors' two steps: keep every epoch's checkpoint (a ResNet-18 run: about 9.3 GB), "
                         f"then measure them all with validate_NC.py; by default NC is measured as each run trains "
                         f"and every {SAVE_EVERY}th checkpoint is kept (about 0.55 GB)")
+    g = p.add_argument_group("SLURM, through submitit")
+    g.add_argument("--slurm", action="store_true", help="submit one job per run (its training, then any validation)")
+    g.add_argument("--dry_run", action="store_true", help="with --slurm: print the jobs, submit nothing")
+    g.add_argument("--cluster", default="slurm", choices=["slurm", "local"],
+                   help="local: submitit runs the jobs on this machine, and the runbook waits (to try the path)")
+    g.add_argument("--partition", default=None, help="SLURM partition")
+    g.add_argument("--time", type=positive_int, default=24 * 60, help="minutes per job (default: %(default)s)")
+    g.add_argument("--gpus_per_job", type=int, default=1, help="default: %(default)s")
+    g.add_argument("--cpus", type=positive_int, default=8, help="CPUs per job (default: %(default)s)")
+    g.add_argument("--mem", type=positive_int, default=32, help="GB of memory per job (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.slurm and args.run:
+        raise UserError("--slurm submits the runs and --run runs them here: give one of them")
+    if args.gpus and args.gpu_id is not None:
+        raise UserError("--gpus and --gpu_id both say where runs go: give one of them")
     figures = list(runs.FIGURES) if args.figure == "all" else [args.figure]
-    steps = plan(figures, args.root, args.epochs, args.gpu_id, args.data_dir, args.every_checkpoint)
-    for step in steps:
-        print(format_step(step), flush=True)
-        if args.run and step[0] != "#":
-            script, arguments = step
-            code = call([sys.executable, os.path.join(HERE, script)] + arguments)
-            if code != 0:
-                raise UserError(f"stopped: {format_step(step)} exited with status {code}")
-    return steps
+    items = plan(figures, args.root, args.epochs, args.gpu_id, args.data_dir, args.every_checkpoint)
+    for line in format_plan(items):
+        print(line, flush=True)
+    if args.run or args.slurm:
+        outcome = submit(items, args) if args.slurm else execute(items, args.jobs, args.gpus)
+        if outcome:
+            print("\n".join(summary(outcome)))
+        failed = [k for k, (state, _) in outcome.items() if state != "done"]
+        if failed:
+            raise UserError(f"{len(failed)} of {len(outcome)} steps failed ({os.path.basename(failed[0])} first "
+                            "listed); see the table above and their logs; a rerun continues where they stopped")
+    return items
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from utils import UserError, atomic_write, load_json, save_json, save_pickle, sa
 
 ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
 INFO, TEST_LOG, RESULTS, METRICS = "info.pkl", "test_log.txt", "nc_results", "metrics.jsonl"
+RUNBOOK_LOG = "runbook.log"  # the output of the runbook's commands for this run (experiments.py --jobs)
 TRAIN_LOCK, VALIDATE_LOCK = ".lock", ".validate.lock"
 CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
 RESULT = re.compile(r"^epoch_(\d{3,})\.pkl$")
@@ -65,8 +66,10 @@ def list_checkpoints(run_dir, max_epoch=None):
 
 
 def has_run(run_dir):
-    """Whether run_dir holds a run (a run killed while writing args.json left only a temporary file)."""
-    return os.path.isdir(run_dir) and any(not name.startswith(".") for name in os.listdir(run_dir))
+    """Whether run_dir holds a run (a run killed while writing args.json left only a temporary file;
+    the runbook's log is written before the run starts)."""
+    return os.path.isdir(run_dir) and any(not name.startswith(".") and name != RUNBOOK_LOG
+                                          for name in os.listdir(run_dir))
 
 
 def check_is_dir_or_absent(path, flag):
