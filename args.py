@@ -145,6 +145,9 @@ def train_parser(default_optimizer="SGD", description=None):
     g.add_argument("--save_every", type=positive_int, default=1,
                    help="keep the checkpoint epoch_NNN.pth of every N-th epoch (and of the last; last.pth is "
                         "always kept); with --nc_every, thinning loses no curve")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun: BatchNorm over the global batch, as in one process (default: each rank "
+                        "normalises its own batch_size / world size images); no effect in one process")
     g = p.add_argument_group("speed (fp32 without compilation is the faithful default)")
     g.add_argument("--amp", default="none", choices=AMP, help="bf16 autocast for forward and loss")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")

@@ -9,6 +9,7 @@ directories need it.
 - `make_dataset` (the authors' API): torchvision transforms per image in a DataLoader.
 Both apply the same transforms with the same constants, so they give the same tensors.
 """
+import dataclasses
 import functools
 import math
 import os
@@ -340,7 +341,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, device, shuffle=False, augment=False,
-                 generator=None, channels_last=False, drop_last=False):
+                 generator=None, channels_last=False, drop_last=False, share=None):
         self.images = torch.as_tensor(images).to(device)  # (N, H, W, 3) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)  # (N,)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -348,6 +349,9 @@ class DeviceLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator = generator if generator is not None else torch.Generator(device)
         self.channels_last, self.drop_last = channels_last, drop_last
+        # share = (rank, world size): every rank draws the same order and augmentation (the same
+        # generator state) for each global batch of batch_size, then keeps its block of it
+        self.share = share
 
     @property
     def num_samples(self):
@@ -367,9 +371,13 @@ class DeviceLoader:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
             x = self.images[idx]
+            y = self.labels[idx]
             if self.augment:
                 x = random_crop_flip(x, CROP_PADDING, self.generator)
-            yield self.normalize(x), self.labels[idx]
+            if self.share is not None:
+                rank, size = self.share
+                x, y = x.tensor_split(size)[rank], y.tensor_split(size)[rank]
+            yield self.normalize(x), y
 
 
 def num_samples(loader):
@@ -384,17 +392,35 @@ def fits_on_device(data, device):
     return data.nbytes < 0.5 * free  # leave room for the model and activations
 
 
-def make_loaders(data, batch_size, device, loader="auto", train=True, seed=0, num_workers=4, channels_last=False):
+def shard(data, rank, size):
+    """The rank-th of `size` contiguous blocks of each split (for measuring under torchrun)."""
+    def block(a):
+        return np.array_split(a, size)[rank]
+    return dataclasses.replace(data, train_images=block(data.train_images), train_labels=block(data.train_labels),
+                               test_images=block(data.test_images), test_labels=block(data.test_labels))
+
+
+def make_loaders(data, batch_size, device, loader="auto", train=True, seed=0, num_workers=4, channels_last=False,
+                 share=None):
     """(train_loader, test_loader). train=True: shuffled and augmented as the run asks, and a last
     batch of a single image dropped (BatchNorm cannot normalise one sample); else the training set
-    in order without augmentation, as NC is measured."""
+    in order without augmentation, as NC is measured. share=(rank, world size) (training under
+    torchrun): the training loader yields this rank's block of each global batch of batch_size; a
+    last batch that does not split into equal blocks of two or more is dropped (DDP averages the
+    ranks' gradients with equal weights, and per-rank BatchNorm needs two samples)."""
     use_device = loader == "device" or (loader == "auto" and fits_on_device(data, device))
     drop_last = train and len(data.train_labels) % batch_size == 1
+    if share is not None:
+        if not use_device:
+            raise UserError("under torchrun the training data must be on the device: use --loader device "
+                            "(--loader torch has no per-rank sampler here)")
+        last, size = len(data.train_labels) % batch_size, share[1]
+        drop_last = train and last > 0 and bool(last % size or last // size < 2)
     if use_device:
         generator = torch.Generator(device).manual_seed(seed)
         kw = dict(batch_size=batch_size, mean=data.mean, std=data.std, device=device, channels_last=channels_last)
         return (DeviceLoader(data.train_images, data.train_labels, shuffle=train, augment=train and data.augment,
-                             generator=generator, drop_last=drop_last, **kw),
+                             generator=generator, drop_last=drop_last, share=share, **kw),
                 DeviceLoader(data.test_images, data.test_labels, **kw))
     generator = torch.Generator().manual_seed(seed)
     return (torch_loader(data, True, batch_size, shuffle=train, num_workers=num_workers, generator=generator,

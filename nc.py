@@ -64,6 +64,27 @@ class NCStats:
         self.n += n_b
         self.sum += sum_b
 
+    def merge(self, other):
+        """Add another NCStats's samples (the same pairwise update, with `other` as the new group)."""
+        delta = other.sum / other.n.clamp(min=1)[:, None] - self.sum / self.n.clamp(min=1)[:, None]
+        weight = self.n * other.n / (self.n + other.n).clamp(min=1)
+        self.scatter += other.scatter + (delta.T * weight) @ delta
+        self.n += other.n
+        self.sum += other.sum
+
+    def all_ranks(self):
+        """The statistics of every rank's samples, on every rank. Scatters about per-rank means
+        cannot simply be summed, so each rank's (n, sum, scatter) is gathered and merged in rank order."""
+        merged = None
+        for part in zip(*(_all_gather(t) for t in (self.n, self.sum, self.scatter))):
+            stats = NCStats(self.K, self.sum.shape[1], self.sum.device)
+            stats.n, stats.sum, stats.scatter = (t.clone() for t in part)
+            if merged is None:
+                merged = stats
+            else:
+                merged.merge(stats)
+        return merged
+
     @property
     def N(self):
         return self.n.sum()
@@ -72,6 +93,13 @@ class NCStats:
         empty = torch.nonzero(self.n == 0).flatten().tolist()
         if empty:
             raise ValueError(f"classes {empty} have no samples: class means (and NC1-NC4) are undefined")
+
+
+def _all_gather(t):
+    import torch.distributed as dist
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
 
 
 # ---------------------------------------------------------------------------- the quantities

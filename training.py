@@ -10,9 +10,12 @@ writes them: args.json first, then after each epoch its checkpoint and the resum
 import os
 import sys
 import time
-from contextlib import nullcontext
+import types
+import warnings
+from contextlib import ExitStack, nullcontext
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import datasets
@@ -24,7 +27,9 @@ from args import VALIDATION_BATCH, explicit_args
 from losses import make_criterion, sep_decay_penalty
 from nc import topk_hits
 from optimizers import make_optimizer, make_scheduler, parse_decay_type
-from utils import Log, UserError, all_finite, get_device, rng_state, set_rng_state, set_seed, save_torch
+from utils import (Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero, end_distributed,
+                   get_device, init_distributed, rank_device, rng_state, set_rng_state, set_seed, save_torch,
+                   torchrun_env, world)
 
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
 # Options that may differ from the recorded ones when resuming, because they do not change the
@@ -57,10 +62,17 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device, hi
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
         n += len(y)
         if (i + 1) % LOG_EVERY == 0 or i + 1 == len(loader):  # the only waits for the device
+            if dist.is_initialized():  # every rank stops together, and logs the global loss
+                dist.all_reduce(first_bad, dist.ReduceOp.MAX)
             if first_bad.item() >= 0:
                 raise TrainingDiverged(f"the loss became non-finite at epoch {epoch}, batch {first_bad.item() + 1}; "
                                        f"checkpoints of earlier epochs are kept: {hint}")
             bar.set_postfix(loss=f"{sums[0].item() / n:.4g}", acc=f"{100 * sums[1].item() / n:.1f}")
+    if dist.is_initialized():  # every rank's samples: rank 0 logs the global mean
+        dist.all_reduce(sums)
+        count = torch.tensor(float(n), dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        n = count.item()
     loss, top1, top5 = (sums / n).tolist()
     return {"loss": loss, "acc1": 100 * top1, "acc5": 100 * top5}
 
@@ -100,9 +112,14 @@ class CUDAGraphStep:
         return self.loss, self.logits
 
 
-def make_objective(args, model, criterion):
-    """objective(x, y) -> (loss, logits): forward pass (autocast if asked), loss and --sep_decay penalty."""
-    net = torch.compile(model) if args.compile else model
+def make_objective(args, model, criterion, net=None):
+    """objective(x, y) -> (loss, logits): forward pass (autocast if asked), loss and --sep_decay penalty.
+    `net` runs the forward pass when it is not the model itself (DistributedDataParallel around it)."""
+    net = model if net is None else net
+    net = torch.compile(net) if args.compile else net
+    # Under torchrun DDP averages the ranks' gradients, and the feature penalty is a sum over the
+    # rank's share of the batch: scaled by the world size, the average is the one-process sum.
+    feature_decay_rate = args.feature_decay_rate * (world()[1] if dist.is_initialized() else 1)
     device_type = next(model.parameters()).device.type
     # No autocast weight cache: it would outlive a CUDA graph's capture.
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)) \
@@ -113,7 +130,7 @@ def make_objective(args, model, criterion):
             logits, h = net(x)
             loss = criterion(logits.float(), y)
         if args.sep_decay:
-            loss = loss + sep_decay_penalty(model, h, args.weight_decay, args.feature_decay_rate)
+            loss = loss + sep_decay_penalty(model, h, args.weight_decay, feature_decay_rate)
         return loss, logits.float()
     return objective
 
@@ -164,6 +181,25 @@ def recorded(args):
 def main(args, make_step, optimizers, given=()):
     """Train with the update rule `make_step(args)`, which only `optimizers` may drive. Everything
     that can be refused is checked before anything is written to disk."""
+    if torchrun_env() is not None:
+        return main_torchrun(args, make_step, optimizers, given)
+    args = checked(args, optimizers, given)
+    device = get_device(args.gpu_id, args.device)
+    step = make_step(args)
+    if args.cuda_graph:
+        if args.optimizer == "LBFGS":
+            raise UserError("--cuda_graph needs a first-order optimizer: LBFGS's line search decides on the host")
+        if device.type != "cuda":
+            raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
+        step = CUDAGraphStep(step)
+    run_dir = os.path.join(args.save_dir, args.uid)
+    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
+        args = check_run_dir(args, dict(given))  # again, now that no other process can change the answer
+        return train(args, step, device, run_dir)
+
+
+def checked(args, optimizers, given):
+    """The arguments to train with, once the run directory and the options pass every check."""
     if args.uid is None:
         if args.resume:
             raise UserError("--resume needs the --uid of the run to continue")
@@ -177,43 +213,129 @@ def main(args, make_step, optimizers, given=()):
         raise UserError("--batch_size 1: BatchNorm cannot normalise a batch of one image in training; "
                         "use --batch_size 2 or more")
     parse_decay_type(args.decay_type)
-    device = get_device(args.gpu_id, args.device)
-    step = make_step(args)
+    return args
+
+
+def check_torchrun(args, size):
+    """What one run on several processes cannot do, refused in one line."""
+    if args.optimizer == "LBFGS":
+        raise UserError("train_2nd_order.py (LBFGS) does not run under torchrun: its closure and line search would "
+                        "need every rank to agree on each evaluation; run it as one process")
     if args.cuda_graph:
-        if args.optimizer == "LBFGS":
-            raise UserError("--cuda_graph needs a first-order optimizer: LBFGS's line search decides on the host")
-        if device.type != "cuda":
-            raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
-        step = CUDAGraphStep(step)
-    run_dir = os.path.join(args.save_dir, args.uid)
-    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
-        args = check_run_dir(args, given)  # again, now that no other process can change the answer
-        return train(args, step, device, run_dir)
+        raise UserError("--cuda_graph does not run under torchrun (DDP's gradient all-reduce is not captured); "
+                        "drop the flag")
+    if args.loader == "torch":
+        raise UserError("--loader torch does not run under torchrun (it has no per-rank sampler here); "
+                        "use --loader device or auto")
+    if args.batch_size % size:
+        raise UserError(f"--batch_size {args.batch_size} does not split over {size} ranks: under torchrun it is the "
+                        f"global batch, so give a multiple of {size}")
+    if args.batch_size // size < 2:
+        raise UserError(f"--batch_size {args.batch_size} over {size} ranks leaves each {args.batch_size // size} "
+                        "image, and BatchNorm cannot normalise one; give a larger --batch_size")
+
+
+def main_torchrun(args, make_step, optimizers, given):
+    """One run trained by every process torchrun started, with DistributedDataParallel. Rank 0
+    decides whether the run may start, holds the run directory's lock and writes every file; it
+    sends the others its decision (the arguments to train with, or why not)."""
+    init_distributed()
+    rank, size = world()
+    try:
+        with ExitStack() as lock:
+            refusal, verdict = None, None
+            if rank == 0:
+                try:
+                    args = checked(args, optimizers, given)
+                    check_torchrun(args, size)
+                    rank_device(args.device)  # refuses a bad --device here, once
+                    run_dir = os.path.join(args.save_dir, args.uid)
+                    lock.enter_context(rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"))
+                    verdict = check_run_dir(args, dict(given))
+                except UserError as e:
+                    refusal, verdict = e, str(e)
+            verdict = broadcast_from_rank_zero(verdict)
+            if refusal is not None:
+                raise refusal
+            if isinstance(verdict, str):
+                raise RefusedOnRankZero(verdict)
+            args = verdict
+            return train(args, make_step(args), rank_device(args.device), os.path.join(args.save_dir, args.uid))
+    finally:
+        end_distributed()
+
+
+def sync_batchnorm(model, device):
+    """--sync_bn: BatchNorm over the global batch, as in one process. CUDA has nn.SyncBatchNorm; on
+    the CPU (which it does not support) each BatchNorm's training forward is replaced by one that
+    all-reduces the batch sums (a differentiable all-reduce, so gradients flow through them too).
+    Either way the modules keep their parameter and buffer names: checkpoints are unchanged."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # its suggested replacement has no autograd; this one is still there and right
+    warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            bn.forward = types.MethodType(_global_batchnorm, bn)
+    return model
+
+
+def _global_batchnorm(bn, x):
+    if not bn.training:
+        return type(bn).forward(bn, x)
+    from torch.distributed.nn.functional import all_reduce
+    C, dims = x.shape[1], [0] + list(range(2, x.dim()))
+    count = torch.full((1,), x.numel() / C, dtype=x.dtype, device=x.device)
+    totals = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+    n = totals[-1]
+    mean = totals[:C] / n
+    var = totals[C:2 * C] / n - mean * mean  # biased: what BatchNorm normalises with
+    if bn.track_running_stats:
+        with torch.no_grad():  # kept as BatchNorm keeps them (unbiased variance)
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+            bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            bn.running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))
+    shape = [1, C] + [1] * (x.dim() - 2)
+    out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    return out * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else out
 
 
 def train(args, step, device, run_dir):
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     model, channels_last = models.build_on_device(args, data.num_classes, device)
+    # Under torchrun the forward pass runs through DDP (gradients all-reduced in backward); `model`
+    # stays the plain module, whose state_dict the files hold, as in one process.
+    distributed = dist.is_initialized()
+    rank, size = world()
+    writer = rank == 0  # the one process that writes the run's files
+    net = None
+    if distributed:
+        if getattr(args, "sync_bn", False):
+            model = sync_batchnorm(model, device)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(args, optimizer)
-    objective = make_objective(args, model, make_criterion(args, data.num_classes))
+    objective = make_objective(args, model, make_criterion(args, data.num_classes), net)
     train_loader, _ = datasets.make_loaders(data, args.batch_size, device, args.loader, train=True,
                                             seed=args.seed, num_workers=args.num_workers,
-                                            channels_last=channels_last)
+                                            channels_last=channels_last, share=(rank, size) if distributed else None)
 
     start, changed = 0, []
     if args.resume:
-        rundir.clear(run_dir, rundir.STALE)
+        if writer:
+            rundir.clear(run_dir, rundir.STALE)
         # A new --epochs, --data_dir, ... is recorded, so that a later plain --resume goes on with it;
         # a run that was moved or renamed is left as it is.
         where = ("save_dir", "uid")
         before = {k: v for k, v in rundir.read_args(run_dir).items() if k not in where}
         changed = [f"--{k} {v} (was {before.get(k)})" for k, v in sorted(recorded(args).items())
                    if k not in where and before.get(k) != v]
-        if changed:
+        if changed and writer:
             rundir.write_args(run_dir, recorded(args))
-        state = rundir.load_state(run_dir)
+        # rank 0 reads the state (load_state may repair last.pth) and sends it to the others
+        state = broadcast_from_rank_zero(rundir.load_state(run_dir) if writer else None)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -221,15 +343,19 @@ def train(args, step, device, run_dir):
             set_rng_state(state["rng"])
             train_loader.generator.set_state(state["loader_rng"])
             start = state["epoch"]
-        rundir.truncate_metrics(run_dir, start)  # the epochs after it are trained again
-    else:
+        if writer:
+            rundir.truncate_metrics(run_dir, start)  # the epochs after it are trained again
+    elif writer:
         rundir.clear(run_dir)
         rundir.write_args(run_dir, recorded(args))
-    log = Log(os.path.join(run_dir, rundir.TRAIN_LOG))
+    log = Log(os.path.join(run_dir, rundir.TRAIN_LOG)) if writer else (lambda line: None)
     log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}"
-        + (f" with {', '.join(changed)}" if changed else ""))
+        + (f" with {', '.join(changed)}" if changed else "")
+        + (f" and {size - 1} more ranks (torchrun{', --sync_bn' if getattr(args, 'sync_bn', False) else ''})"
+           if distributed else ""))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
+    say = print if writer else (lambda *a, **k: None)
+    say(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
           f"{data.num_classes} classes), {n_params:,} trainable parameters, {args.optimizer}, {device}")
     measurement, results = None, {}
     if args.nc_every:  # measured exactly as validate_NC.py measures, with its batch size
@@ -238,12 +364,15 @@ def train(args, step, device, run_dir):
 
     t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,
-                  dynamic_ncols=True)
+                  dynamic_ncols=True, disable=not writer)
     for epoch in epochs:
         t = time.time()
         lr = optimizer.param_groups[0]["lr"]
         try:
             stats = train_one_epoch(model, train_loader, step, optimizer, objective, epoch, device, hint)
+            if distributed:  # per-rank BatchNorm statistics: rank 0's are the run's, as DDP's next forward would make them
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
             if not all_finite(model.state_dict()):
                 raise TrainingDiverged(f"the weights became non-finite in epoch {epoch} and were not saved; "
                                        f"checkpoints of earlier epochs are kept: {hint}")
@@ -256,7 +385,7 @@ def train(args, step, device, run_dir):
                   "lr": lr, "seconds": round(seconds, 3)}
         last = epoch == args.epochs
         kept = epoch % args.save_every == 0 or last
-        if kept:
+        if kept and writer:
             save_torch(model.state_dict(), rundir.checkpoint_path(run_dir, epoch))
         # Everything about the epoch is written before its resume state: a run killed before that
         # state lands does the epoch again, measurement included, and loses nothing.
@@ -264,9 +393,12 @@ def train(args, step, device, run_dir):
             result = measure(measurement, epoch, log)
             if result is not None:
                 results[epoch] = result
-                validate_NC.write_info(run_dir, results)
+                if writer:
+                    validate_NC.write_info(run_dir, results)
                 record.update({name: result[key] for name, key in nc.INFO_KEYS.items() if name in IN_METRICS})
                 record["nc_seconds"] = round(time.time() - t - seconds, 3)
+        if not writer:
+            continue
         rundir.append_metrics(run_dir, record)
         rundir.save_state(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -279,9 +411,9 @@ def train(args, step, device, run_dir):
                            **({"NC1": f"{record['NC1']:.3g}"} if "NC1" in record else {}))
     epochs.close()
     if stats is None:
-        print(f"nothing to do: {run_dir} has all {args.epochs} epochs")
+        say(f"nothing to do: {run_dir} has all {args.epochs} epochs")
     else:
-        print(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
+        say(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
               f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/"
               + (f", NC of {len(results)} epoch{'s' * (len(results) != 1)} in {run_dir}/{rundir.INFO}" if results else ""))
     return run_dir

@@ -20,6 +20,10 @@ class UserError(Exception):
     """Bad input: reported as one line, with a non-zero exit, and nothing on disk changed."""
 
 
+class RefusedOnRankZero(UserError):
+    """Under torchrun, the other ranks' exit when rank 0 refused: rank 0 has said why."""
+
+
 def _interrupted(e):
     """Whether e is, or was raised while handling, a Ctrl-C (torch.save wraps it in a RuntimeError)."""
     seen = set()
@@ -38,7 +42,9 @@ def run_main(main, *args):
     try:
         return main(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun every rank meets the same bad input; rank 0 says it once
+        if not isinstance(e, RefusedOnRankZero) and (torchrun_env() or (0,))[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except OSError as e:  # the file system refused: a full disk, a folder where a file should be, ...
         if _interrupted(e):
@@ -73,6 +79,60 @@ def get_device(gpu_id=0, device=None):
         raise UserError(f"device {dev} is not available (this machine has {torch.cuda.device_count()} GPUs); "
                         "pick another --gpu_id or --device cpu")
     return dev
+
+
+# ---------------------------------------------------------------------------- torchrun
+
+def torchrun_env():
+    """(rank, world_size, local_rank) when this process was started by torchrun, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed():
+    """Join torchrun's process group: gloo for CPU tensors, and NCCL for CUDA ones when there is a GPU."""
+    import torch.distributed as dist
+    _, _, local_rank = torchrun_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def end_distributed():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world():
+    """(rank, world size) of the process group; (0, 1) in a single process."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_rank_zero():
+    return world()[0] == 0
+
+
+def broadcast_from_rank_zero(obj):
+    """rank 0's obj on every rank (any picklable object)."""
+    import torch.distributed as dist
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_device(device_arg):
+    """Under torchrun, each rank's device: cuda:LOCAL_RANK unless --device names the CPU (or there is no GPU)."""
+    _, _, local_rank = torchrun_env()
+    if (device_arg is not None and get_device(0, device_arg).type == "cpu") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return get_device(local_rank)
 
 
 def set_seed(seed):

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ import models
 import nc
 import rundir
 from args import MODEL_FLAGS, explicit_args, validate_parser
-from utils import UserError, all_finite, get_device, run_main
+from utils import (RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero, end_distributed, get_device,
+                   init_distributed, is_rank_zero, rank_device, run_main, torchrun_env, world)
 
 # Raise when the numbers a result holds change meaning: stored results of another version are recomputed.
 METRIC_VERSION = 2
@@ -69,9 +71,10 @@ class Measurement:
 
     def __init__(self, run_dir, args, data, model, device, channels_last, batch_size):
         self.run_dir, self.model, self.K = run_dir, model, data.num_classes
+        rank, size = world()  # under torchrun each rank measures its block of each split; evaluate() merges them
         self.train_loader, self.test_loader = datasets.make_loaders(
-            data, batch_size, device, args.loader, train=False, num_workers=args.num_workers,
-            channels_last=channels_last)
+            data if size == 1 else datasets.shard(data, rank, size), batch_size, device, args.loader, train=False,
+            num_workers=args.num_workers, channels_last=channels_last)
         # Not keyed to the batch size: it changes no formula, only how sums are rounded.
         self.key = {"version": METRIC_VERSION, "data": data_key(data),
                     "model": {k: getattr(args, k, None) for k in MODEL_FLAGS}}
@@ -97,7 +100,8 @@ class Measurement:
             result = evaluate(self.model, self.train_loader, self.test_loader, self.K)
         except (RuntimeError, ValueError) as e:
             return None, f"its metrics cannot be computed ({' '.join(str(e).split())[:120]})"
-        rundir.write_result(self.run_dir, epoch, key, result)
+        if is_rank_zero():  # every rank has the same result; one writes it
+            rundir.write_result(self.run_dir, epoch, key, result)
         return result, None
 
 
@@ -124,6 +128,11 @@ class TrainingSetMetrics:
 
     def result(self, W, b):
         """The training-set entries of info.pkl (by their info.pkl keys) under the last layer W (K, d), b (K,)."""
+        if world()[1] > 1:  # this rank saw its block of the data: merge every rank's, on every rank
+            self.stats = self.stats.all_ranks()
+            self.H, self.y = gather_rows(self.H[:self.filled]), gather_rows(self.y[:self.filled])
+            self.hits = all_reduce_sum(self.hits)
+            self.filled = len(self.y)
         paper = nc.paper_metrics(self.stats, W, b)
         margins = nc.cos_margins(self.H, self.y, paper["W"], paper["b"], paper["mu_G"])
         acc1, acc5 = (100 * self.hits / self.filled).tolist()
@@ -131,6 +140,22 @@ class TrainingSetMetrics:
                       "all_cos_margin": np.sort(to_numpy(margins)),
                       "nuclear_ratio": nc.nuclear_ratio(self.H, self.y, self.K)}
         return {nc.INFO_KEYS[k]: to_numpy(v) if torch.is_tensor(v) else v for k, v in quantities.items()}
+
+
+def all_reduce_sum(t):
+    import torch.distributed as dist
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def gather_rows(t):
+    """Every rank's rows of t, concatenated in rank order (ranks may hold different numbers of rows)."""
+    sizes = nc._all_gather(torch.tensor([len(t)], device=t.device))
+    most = int(max(sizes).item())
+    padded = torch.zeros((most,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    return torch.cat([part[:int(n.item())] for part, n in zip(nc._all_gather(padded), sizes)])
 
 
 def to_numpy(t):
@@ -169,6 +194,9 @@ def evaluate(model, train_loader, test_loader, num_classes):
         test_hits += nc.topk_hits(logits, y)
         test_sum += h.to(torch.float64).sum(0)
     n_test = datasets.num_samples(test_loader)
+    if world()[1] > 1:  # this rank's block of the test set
+        test_hits, test_sum = all_reduce_sum(test_hits), all_reduce_sum(test_sum)
+        n_test = int(all_reduce_sum(torch.tensor(n_test, device=device)).item())
     acc1, acc5 = (100 * test_hits / n_test).tolist()
     return {**train, "test_acc1": acc1, "test_acc5": acc5,
             "mu_G_test": to_numpy(test_sum / n_test)}
@@ -187,6 +215,18 @@ def load_checkpoint(model, path, device):
 
 
 def main(argv=None):
+    if torchrun_env() is None:
+        return main_one(argv)
+    # Under torchrun every rank evaluates its block of the data and the statistics are merged
+    # (see evaluate); rank 0 alone holds the lock and writes.
+    init_distributed()
+    try:
+        return main_one(argv)
+    finally:
+        end_distributed()
+
+
+def main_one(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = validate_parser()
     cli = parser.parse_args(argv)
@@ -197,8 +237,9 @@ def main(argv=None):
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
     args = run_arguments(cli, explicit_args(parser, argv))
     rundir.results_dir(run_dir)  # refuses a file in the way before any work
-    device = get_device(args.gpu_id, args.device)
-    with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated"):
+    distributed = torchrun_env() is not None
+    device = rank_device(args.device) if distributed else get_device(args.gpu_id, args.device)
+    with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated") if is_rank_zero() else nullcontext():
         return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs)
 
 
@@ -215,8 +256,11 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None):
         warnings.warn(f"{len(lost)} epochs (from {lost[0]}) were measured during training on other data or by "
                       "other code, and their checkpoints were not kept: they cannot be measured here and are left out")
     skipped, computed, t0 = [], 0, time.time()
-    for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True):
-        result = measurement.stored(epoch)
+    # Under torchrun, rank 0 decides what is reused (its writes must not change another rank's answer)
+    reuse = broadcast_from_rank_zero({e: measurement.stored(e) for e, _ in checkpoints} if is_rank_zero() else None) \
+        if world()[1] > 1 else None
+    for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True, disable=not is_rank_zero()):
+        result = measurement.stored(epoch) if reuse is None else reuse[epoch]
         if result is None:
             reason = load_checkpoint(model, path, device)
             if reason is None:
@@ -231,6 +275,8 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None):
         raise UserError(f"none of the {len(checkpoints)} checkpoints in {run_dir} could be evaluated; "
                         "were they written by this repository for this model?")
 
+    if not is_rank_zero():
+        return None
     info = write_info(run_dir, results)
     epochs = info["epochs"]
     print(f"validated {len(epochs)} epochs ({computed} computed, {len(epochs) - computed} reused, "
