@@ -114,29 +114,6 @@ class LayerHooks:
         self.handles = []
 
 
-class LayerMetrics:
-    """NC1, tr(Sigma_W)/tr(Sigma_B) and the NCC agreement of one layer's features, streamed as the
-    training set's (NCStats, O(K d_l + d_l^2)), its features kept (N, d_l) for the NCC agreement."""
-
-    def __init__(self, num_classes, num_samples):
-        self.K, self.N, self.stats, self.H, self.filled = num_classes, num_samples, None, None, 0
-
-    def add(self, h, y):
-        if self.stats is None:  # d_l is known at the first batch
-            self.stats = nc.NCStats(self.K, h.shape[1], h.device)
-            self.H = torch.empty(self.N, h.shape[1], dtype=h.dtype, device=h.device)  # (N, d_l)
-        self.stats.update(h, y)
-        self.H[self.filled:self.filled + len(y)] = h
-        self.filled += len(y)
-
-    def result(self, pred):
-        means, centre = nc.mu_c(self.stats), nc.mu_G(self.stats)
-        Sigma_W = nc.Sigma_W(self.stats)
-        return {"NC1": nc.NC1(Sigma_W, means, centre).item(),
-                "trace_ratio": nc.trace_ratio(Sigma_W, means, centre).item(),
-                "ncc": nc.ncc_agreement(self.H, pred, means)}
-
-
 def run_arguments(cli, given):
     """The run's recorded training arguments, with this command's data and device options.
     A model or data-set flag given here that disagrees with the record is refused."""
@@ -220,14 +197,16 @@ class TrainingSetMetrics:
     """Everything info.pkl records about the training set, accumulated batch by batch.
 
     The NC statistics stream (nc.NCStats); the features themselves are also kept, in one (N, d)
-    device tensor, because the cosine margins and the nuclear ratio are per-sample quantities.
+    device tensor, because the cosine margins and the nuclear ratio are per-sample quantities. With
+    layers, each layer's features are kept too ((N, d_l) each), for nc.layer_measures.
     """
 
     def __init__(self, num_classes, dim, num_samples, device, keep_pred=False, layers=()):
         self.K, self.filled = num_classes, 0
         # The network's predictions, for the NCC agreement (N,): only when asked for.
         self.pred = torch.empty(num_samples, dtype=torch.int64, device=device) if keep_pred else None
-        self.layers = {name: LayerMetrics(num_classes, num_samples) for name in layers}
+        # Each layer's features (N, d_l), allocated at the first batch; h's are self.H.
+        self.layers = {name: None for name in layers}
         self.stats = nc.NCStats(num_classes, dim, device)
         self.H = torch.empty(num_samples, dim, device=device)  # (N, d)
         self.y = torch.empty(num_samples, dtype=torch.int64, device=device)  # (N,)
@@ -239,8 +218,12 @@ class TrainingSetMetrics:
         self.H[self.filled:end], self.y[self.filled:end] = h, y
         if self.pred is not None:
             self.pred[self.filled:end] = logits.argmax(1)
-        for name, layer in self.layers.items():
-            layer.add(layer_features[name], y)
+        for name in self.layers:
+            if name != "h":
+                f = layer_features[name]  # (B, d_l)
+                if self.layers[name] is None:
+                    self.layers[name] = torch.empty(len(self.H), f.shape[1], dtype=f.dtype, device=f.device)
+                self.layers[name][self.filled:end] = f
         self.hits += nc.topk_hits(logits, y)
         self.filled = end
 
@@ -261,7 +244,8 @@ class TrainingSetMetrics:
         if "ncc" in measures:
             out["ncc_train"] = nc.ncc_agreement(self.H, self.pred, nc.mu_c(self.stats))
         if self.layers:
-            out["layers"] = {name: layer.result(self.pred) for name, layer in self.layers.items()}
+            out["layers"] = {name: nc.layer_measures(self.H if name == "h" else H, self.y, self.K, self.pred)
+                             for name, H in self.layers.items()}
             out["layer_names"] = list(self.layers)
         return out
 

@@ -159,6 +159,27 @@ def test_many_classes_run_without_anything_quadratic_in_N():
 
 # ---------------------------------------------------------------------------- layers
 
+@pytest.mark.parametrize("spread, offset", [(1.0, 0.0), (1e-6, 1e4)])
+def test_layer_measures_from_kept_features_match_the_formulas(spread, offset):
+    H, y, W, pred = random_problem(seed=4, spread=spread)
+    H = H + offset
+    ref = reference(H, y, W, pred)
+    nc1_ref = nc.nc_metrics(H, y, W)["NC1"]  # tested against numpy's pinv in test_nc.py
+    out = nc.layer_measures(H.float() if offset == 0 else H, y, 5, pred, chunk=31)
+    assert out["NC1"] == pytest.approx(nc1_ref, rel=1e-5 if offset == 0 else 1e-6)
+    assert out["trace_ratio"] == pytest.approx(ref["trace_ratio_metric"], rel=1e-5 if offset == 0 else 1e-6)
+    assert out["ncc"] == pytest.approx(ref["ncc_train"])
+    exact = nc.layer_measures(H, y, 5, chunk=31)
+    assert exact["NC1"] == pytest.approx(nc1_ref, rel=1e-6) and "ncc" not in exact
+
+
+def test_layer_measures_vanish_on_an_exact_collapse():
+    H, y, _, pred = collapsed()
+    out = nc.layer_measures(H, y, 4, pred)
+    assert abs(out["NC1"]) < 1e-12 and abs(out["trace_ratio"]) < 1e-12 and out["ncc"] == 1.0
+
+
+
 @pytest.mark.parametrize("model", [models.MLP(hidden=16, depth=3, num_classes=4),
                                    models.ResNet18_adapt(width=4, num_classes=4)])
 def test_layer_hooks_give_the_models_h_at_the_penultimate_layer(model):
@@ -237,8 +258,8 @@ def test_measures_all_and_layers_add_their_keys_and_are_not_served_a_paper_resul
             np.testing.assert_array_equal(a, b)
     assert info["layer_names"][-1] == ["hidden1", "h"]
     last = info["layers"][-1]
-    assert last["h"]["NC1"] == pytest.approx(info["collapse_metric"][-1], rel=1e-12)
-    assert last["h"]["trace_ratio"] == pytest.approx(info["trace_ratio_metric"][-1], rel=1e-12)
+    assert last["h"]["NC1"] == pytest.approx(info["collapse_metric"][-1], rel=1e-9)
+    assert last["h"]["trace_ratio"] == pytest.approx(info["trace_ratio_metric"][-1], rel=1e-9)
     assert last["h"]["ncc"] == pytest.approx(info["ncc_train"][-1], rel=1e-12)
     assert all(0 <= info[k][-1] <= 1 for k in ("ncc_train", "ncc_test"))
     assert info["within_class_var"][-1].shape == (10,)
@@ -252,3 +273,42 @@ def test_bad_measures_and_layers_on_the_command_line_are_one_line_errors(run_cop
     line = refused(capsys, validate_NC.main, ["--load_path", run_copy, "--device", "cpu", "--layers", "layer4"])
     assert "unknown layer4" in line and "hidden1, h" in line
     assert not os.path.exists(os.path.join(run_copy, "info.pkl"))
+
+
+# ---------------------------------------------------------------------------- plot_runs.py
+
+def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
+    os.makedirs(run_dir)
+    n = len(epochs)
+    info = {"epochs": list(epochs), "collapse_metric": [1.0 / e for e in epochs],
+            "cdnv_metric": [None] + [0.5 / e for e in epochs[1:]],  # the first epoch measured without it
+            "ncc_train": [0.5 + 0.04 * e for e in epochs], "W": [np.zeros((3, 4))] * n}
+    if layers:
+        names = ["hidden1", "hidden2", "h"]
+        info["layer_names"] = [names] * n
+        info["layers"] = [{name: {"NC1": (j + 1) / e, "trace_ratio": 0.1 * (j + 1) / e, "ncc": 0.9}
+                           for j, name in enumerate(names)} for e in epochs]
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(info, f)
+
+
+def test_plot_runs_draws_any_scalar_key_and_the_layers(tmp_path, capsys):
+    import plot_runs
+    write_info(str(tmp_path / "a"))
+    write_info(str(tmp_path / "b"), layers=False)
+    out = tmp_path / "fig"
+    plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "cdnv_metric", "ncc_train",
+                    "--out_dir", str(out)])
+    names = set(os.listdir(out))
+    assert {"cdnv_metric.png", "ncc_train.pdf", "NC1.png"} <= names
+    for q in nc.LAYER_MEASURES:
+        assert f"a_layers_{q}_depth.png" in names and f"a_layers_{q}_epoch.png" in names
+    assert not any(n.startswith("b_layers") for n in names)
+
+
+def test_plot_runs_refuses_a_key_that_is_not_a_scalar_per_epoch(tmp_path, capsys):
+    import plot_runs
+    write_info(str(tmp_path / "a"))
+    for key in ("W", "no_such_key"):
+        line = refused(capsys, plot_runs.main, [str(tmp_path / "a"), "--keys", key, "--out_dir", str(tmp_path / "f")])
+        assert f"--keys {key}: no run has it" in line and "cdnv_metric" in line
