@@ -217,8 +217,8 @@ def within_class_var(stats):
 def trace_ratio(tr_Sigma_W, mu_c, mu_G):
     """tr(Sigma_W) / tr(Sigma_B), with tr(Sigma_B) = (1/K) sum_k ||mu_k - mu_G||^2; given tr(Sigma_W).
 
-    The NC1 variant that needs no pseudo-inverse (used e.g. by Tirer & Bruna 2022 and by Rangamani
-    et al. 2023). Scale-free. From streamed statistics.
+    The NC1 variant that needs no pseudo-inverse (used e.g. by Rangamani et al. 2023 for NC at
+    intermediate layers). Scale-free. From streamed statistics.
     """
     return tr_Sigma_W / (mu_c - mu_G).pow(2).sum(1).mean()
 
@@ -289,7 +289,8 @@ def ncc_predictions(H, mu_c, chunk=8192):
 
 def ncc_hits(H, pred, mu_c, chunk=8192):
     """How many samples the network (predictions pred (N,), argmax of its logits) classifies as the
-    nearest class centre does, mu_c (K, d) the class means. A float64 tensor (no sync).
+    nearest class centre does, mu_c (K, d) the class means. A float64 tensor (no sync). Papyan et
+    al. 2020's NC4 (simplification to the nearest class centre) measures the share of these.
 
     The NCC agreement is this over N. It needs the class means before the features: a second pass
     over the data, or the features kept. validate_NC.py keeps the (N, d) training features anyway

@@ -145,6 +145,20 @@ def test_a_class_with_a_single_sample_gives_nan_and_a_warning_naming_it():
     assert np.isfinite(out["trace_ratio_metric"]) and np.isfinite(out["self_duality"])
 
 
+def test_a_single_sample_class_does_not_crash_the_validation_of_a_training_set():
+    H, y, W, _ = random_problem(K=3, N=30)
+    y = y.clone()
+    y[y == 2] = 1
+    y[0] = 2
+    logits = H @ W.T
+    train = validate_NC.TrainingSetMetrics(3, H.shape[1], len(y), torch.device("cpu"), keep_pred=True, layers=("h",))
+    train.add(logits.float(), H.float(), y, {})
+    with pytest.warns(UserWarning, match=r"classes \[2\]"):
+        out = {**train.result(W, torch.zeros(3)), **train.more_result(W, tuple(nc.MEASURES))}
+    assert np.isnan(out["cdnv_metric"]) and np.isfinite(out["collapse_metric"]) and 0 <= out["ncc_train"] <= 1
+    assert np.isfinite(out["layers"]["h"]["NC1"])
+
+
 def test_many_classes_run_without_anything_quadratic_in_N():
     # K = 1,000: the pairwise measures are K x K (8 MB); nothing is N x N.
     K, d, N = 1000, 64, 3000
