@@ -170,6 +170,14 @@ def validate_parser():
     p.add_argument("--epochs", type=positive_int, default=None, help="only checkpoints up to this epoch")
     add_model_args(p)
     add_data_args(p, batch_size=VALIDATION_BATCH)
+    g = p.add_argument_group("what is measured")
+    g.add_argument("--measures", nargs="+", default=["paper"], metavar="MEASURE",
+                   help="paper (the paper's quantities only), all, or names among trace_ratio, cdnv, "
+                        "within_class_var, equinorm, equiangular, max_angle, self_duality, ncc (nc.MEASURES), "
+                        "added to info.pkl")
+    g.add_argument("--layers", nargs="*", default=None, metavar="LAYER",
+                   help="also NC1, tr(Sigma_W)/tr(Sigma_B) and the NCC agreement at each layer (or the layers "
+                        "named: hidden1 .. and h of the MLP, layer1 .. layer4 and h of the ResNets)")
     return p
 
 

@@ -13,8 +13,10 @@ with Wc = W minus its mean row, Hbar = [mu_1 - mu_G, ..., mu_K - mu_G] (d x K) a
 P = (I_K - 11^T/K) / sqrt(K - 1), the simplex ETF Gram matrix scaled to unit Frobenius norm.
 
 `NCStats` accumulates the sufficient statistics (per-class counts and sums, one pooled d x d
-scatter) batch by batch on any device; `paper_metrics(stats, W, b)` gives every quantity the paper
-records from them; `nc_metrics(H, y, W, b)` does it all for one feature matrix.
+scatter, per-class within-class sums of squares) batch by batch on any device; `paper_metrics(stats,
+W, b)` gives every quantity the paper records from them; `nc_metrics(H, y, W, b)` does it all for one
+feature matrix. `more_metrics(stats, W, measures)` gives the other NC measures of the literature
+(see "More NC measures" below and MEASURES).
 
 Numerics. Everything is float64. Sigma_B has rank at most K - 1 (its columns are centred), so its
 pseudo-inverse keeps at most K - 1 directions and none at the level of rounding noise: inverting
@@ -22,6 +24,7 @@ noise is what made the original code's NC1 depend on the SciPy version (its floa
 values like -21 or 9,740 where the true value is 0.5).
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +39,28 @@ INFO_KEYS = {
 }
 
 
+# The other NC measures of the literature (validate_NC.py --measures): each name and the info.pkl
+# keys it writes. Their formulas and sources are in the docstrings of the functions below.
+#   trace_ratio       trace_ratio_metric  tr(Sigma_W) / tr(Sigma_B)                       (NC1 variant)
+#   cdnv              cdnv_metric         class-distance normalised variance, pair mean  (Galanti et al. 2022)
+#   within_class_var  within_class_var    tr(Sigma_W^k), a K-vector                       (per-class NC1)
+#   equinorm          equinorm_M, equinorm_W       std/mean of the norms of M_c's columns / W's rows (Papyan et al. 2020)
+#   equiangular       equiangular_M, equiangular_W std over pairs k<l of their cosines          (Papyan et al. 2020)
+#   max_angle         max_angle_M, max_angle_W     mean over pairs of |cos + 1/(K-1)|           (Papyan et al. 2020)
+#   self_duality      self_duality        || W/||W||_F - M_c^T/||M_c||_F ||_F^2                (Papyan et al. 2020)
+#   ncc               ncc_train, ncc_test share of samples whose prediction is the nearest class mean
+MEASURES = {
+    "trace_ratio": ("trace_ratio_metric",), "cdnv": ("cdnv_metric",), "within_class_var": ("within_class_var",),
+    "equinorm": ("equinorm_M", "equinorm_W"), "equiangular": ("equiangular_M", "equiangular_W"),
+    "max_angle": ("max_angle_M", "max_angle_W"), "self_duality": ("self_duality",), "ncc": ("ncc_train", "ncc_test"),
+}
+# The per-layer quantities (validate_NC.py --layers), under info.pkl's 'layers': {layer name: {these}}.
+LAYER_MEASURES = ("NC1", "trace_ratio", "ncc")
+
+
 class NCStats:
-    """Per-class counts and sums, and the pooled within-class scatter, streamed in float64.
+    """Per-class counts and sums, the pooled within-class scatter and the per-class within-class sums
+    of squares, streamed in float64: memory O(K d + d^2), whatever N.
 
     Each batch's scatter is taken about the batch's own class means and merged with the running
     one by Chan et al.'s pairwise update, so no large mean is subtracted from a large second
@@ -49,6 +72,7 @@ class NCStats:
         self.n = torch.zeros(num_classes, dtype=torch.float64, device=device)  # (K,)
         self.sum = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)  # (K, d)
         self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # (d, d)
+        self.sq = torch.zeros(num_classes, dtype=torch.float64, device=device)  # (K,) sum_{i in k} ||h_i - mu_k||^2
 
     def update(self, h, y):
         h = h.detach().to(torch.float64)  # (B, d)
@@ -61,6 +85,8 @@ class NCStats:
         delta = mean_b - self.sum / self.n.clamp(min=1)[:, None]  # (K, d)
         weight = self.n * n_b / (self.n + n_b).clamp(min=1)  # (K,); 0 for a class new or absent
         self.scatter += centred.T @ centred + (delta.T * weight) @ delta
+        # The traces of the per-class scatters, merged the same way (B d operations, against B d^2 above).
+        self.sq += onehot.T @ (centred * centred).sum(1) + weight * (delta * delta).sum(1)
         self.n += n_b
         self.sum += sum_b
 
@@ -142,12 +168,17 @@ def NC1(Sigma_W, mu_c, mu_G):
     singular values are kept, and none below max(d, K) * eps * (the largest of s_max and ||mu_k||),
     the size of the rounding error of mu_k - mu_G.
     """
+    U, S = _between_class_basis(mu_c, mu_G)
+    return ((U * (Sigma_W @ U)).sum(0) / S ** 2).sum()
+
+
+def _between_class_basis(mu_c, mu_G):
+    """(U (d, r), S (r,)): the left singular vectors and values of Hbar that NC1 keeps (see NC1)."""
     Hb = H_bar(mu_c, mu_G)  # (d, K)
     U, S, _ = torch.linalg.svd(Hb, full_matrices=False)  # S in descending order
     scale = torch.maximum(S[0], torch.linalg.norm(mu_c, dim=1).max())
     keep = (S > scale * max(Hb.shape) * torch.finfo(S.dtype).eps) & (torch.arange(len(S), device=S.device) < Hb.shape[1] - 1)
-    U, S = U[:, keep], S[keep]
-    return ((U * (Sigma_W @ U)).sum(0) / S ** 2).sum()
+    return U[:, keep], S[keep]
 
 
 def _distance_to_simplex(M):
@@ -189,6 +220,178 @@ def nc_metrics(H, y, W, b=None):
     stats = NCStats(W.shape[0], H.shape[1], H.device)
     stats.update(H, y)
     return {k: v for k, v in paper_metrics(stats, W, b).items() if k in ("NC1", "NC2", "NC3", "NC4")}
+
+
+# ---------------------------------------------------------------------------- more NC measures
+# From the streamed statistics (O(K d + d^2) memory, O(K^2) for the pairwise ones, never O(N)),
+# except the NCC agreement, which needs each sample's features again once the class means are known.
+
+def within_class_var(stats):
+    """tr(Sigma_W^k) = (1/n_k) sum_{i in class k} ||h_i - mu_k||^2, per class: a (K,) tensor.
+
+    The per-class form of NC1's numerator (their count-weighted mean is tr(Sigma_W)). From the
+    streamed per-class sums of squares. A class with fewer than two samples has no spread to
+    measure: NaN, with a warning naming it.
+    """
+    stats.check_classes()
+    var = stats.sq / stats.n  # (K,)
+    single = torch.nonzero(stats.n < 2).flatten().tolist()
+    if single:
+        warnings.warn(f"classes {single} have a single sample: their within-class variance (and CDNV) is NaN")
+        var[stats.n < 2] = math.nan
+    return var
+
+
+def trace_ratio(tr_Sigma_W, mu_c, mu_G):
+    """tr(Sigma_W) / tr(Sigma_B), with tr(Sigma_B) = (1/K) sum_k ||mu_k - mu_G||^2; given tr(Sigma_W).
+
+    The NC1 variant that needs no pseudo-inverse (used e.g. by Rangamani et al. 2023 for NC at
+    intermediate layers). Scale-free. From streamed statistics.
+    """
+    return tr_Sigma_W / (mu_c - mu_G).pow(2).sum(1).mean()
+
+
+def cdnv(var, mu_c):
+    """Class-distance normalised variance (Galanti et al. 2022), averaged over the pairs k < l:
+    (var_k + var_l) / (2 ||mu_k - mu_l||^2), var_k = tr(Sigma_W^k) (within_class_var).
+
+    All K(K-1)/2 pairs at once from the Gram matrix of the class means: O(K^2) memory (8 MB for
+    K = 1,000). The means are centred first so that the Gram holds no large common part.
+    """
+    M = mu_c - mu_c.mean(0)  # (K, d); distances do not change
+    G = M @ M.T  # (K, K)
+    sq_norms = torch.diagonal(G)
+    dist2 = (sq_norms[:, None] + sq_norms[None, :] - 2 * G).clamp(min=0)  # (K, K) ||mu_k - mu_l||^2
+    k, l = torch.triu_indices(len(var), len(var), 1, device=var.device)
+    return ((var[k] + var[l]) / (2 * dist2[k, l])).mean()
+
+
+def M_c(mu_c, mu_G):
+    """Papyan et al.'s centred class means as columns, mu_k - mu_G: (d, K) (the same matrix as H_bar)."""
+    return H_bar(mu_c, mu_G)
+
+
+def equinorm(X):
+    """std / mean of the norms of the rows of X (K, d) (Papyan et al. 2020): 0 when the norms are equal.
+    Population std (over the K rows). Pass W, or M_c.T for the class means."""
+    norms = torch.linalg.norm(X, dim=1)  # (K,)
+    return norms.std(correction=0) / norms.mean()
+
+
+def _pair_cosines(X):
+    """Cosines between the rows of X (K, d) over the pairs k < l: (K(K-1)/2,)."""
+    U = X / torch.linalg.norm(X, dim=1, keepdim=True)
+    k, l = torch.triu_indices(X.shape[0], X.shape[0], 1, device=X.device)
+    return (U @ U.T)[k, l]
+
+
+def equiangularity(X):
+    """std over the pairs k < l of cos(x_k, x_l), the rows of X (K, d) (Papyan et al. 2020): 0 when all
+    angles are equal. Population std. O(K^2) memory."""
+    return _pair_cosines(X).std(correction=0)
+
+
+def max_angle(X):
+    """mean over the pairs k < l of |cos(x_k, x_l) + 1/(K-1)| (Papyan et al. 2020): 0 when the rows of X
+    (K, d) are maximally apart, as a simplex ETF's are. O(K^2) memory."""
+    return (_pair_cosines(X) + 1.0 / (X.shape[0] - 1)).abs().mean()
+
+
+def self_duality(W, M):
+    """|| W/||W||_F - M^T/||M||_F ||_F^2 (Papyan et al. 2020), W (K, d) the classifier, M = M_c (d, K):
+    0 when the classifier rows are the centred class means up to one scale."""
+    return (W / torch.linalg.norm(W) - M.T / torch.linalg.norm(M)).pow(2).sum()
+
+
+def ncc_predictions(H, mu_c, chunk=8192):
+    """argmin_k ||h_i - mu_k|| of each row of H (N, d): (N,). In chunks of rows, so memory is
+    O(chunk K), never N x N or N x K at once."""
+    mu_c = mu_c.to(torch.float64)
+    half_sq = 0.5 * mu_c.pow(2).sum(1)  # (K,); ||h - mu||^2 / 2 = ||h||^2 / 2 - h.mu + ||mu||^2 / 2
+    out = []
+    for start in range(0, H.shape[0], chunk):
+        h = H[start:start + chunk].to(torch.float64)  # (n, d)
+        out.append((half_sq - h @ mu_c.T).argmin(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=H.device)
+
+
+def ncc_hits(H, pred, mu_c, chunk=8192):
+    """How many samples the network (predictions pred (N,), argmax of its logits) classifies as the
+    nearest class centre does, mu_c (K, d) the class means. A float64 tensor (no sync). Papyan et
+    al. 2020's NC4 (simplification to the nearest class centre) measures the share of these.
+
+    The NCC agreement is this over N. It needs the class means before the features: a second pass
+    over the data, or the features kept. validate_NC.py keeps the (N, d) training features anyway
+    (O(N d) memory, already there) and streams the test set, whose means are the training ones.
+    """
+    return (ncc_predictions(H, mu_c, chunk) == pred).sum().to(torch.float64)
+
+
+def ncc_agreement(H, pred, mu_c, chunk=8192):
+    """Share of the samples H (N, d) whose prediction pred (N,) is their nearest class mean (ncc_hits / N)."""
+    return (ncc_hits(H, pred, mu_c, chunk) / H.shape[0]).item()
+
+
+def more_metrics(stats, W, measures):
+    """The streamed measures of `measures` (names of MEASURES; ncc is not one: see ncc_hits) of a set of
+    statistics under the classifier W (K, d), by their info.pkl keys: floats, within_class_var a
+    (K,) float64 numpy array."""
+    W = W.detach().to(torch.float64)
+    means, centre = mu_c(stats), mu_G(stats)
+    M = M_c(means, centre)  # (d, K)
+    out = {}
+    if "trace_ratio" in measures:
+        out["trace_ratio_metric"] = trace_ratio(torch.trace(Sigma_W(stats)), means, centre).item()
+    if "within_class_var" in measures or "cdnv" in measures:
+        var = within_class_var(stats)
+        if "within_class_var" in measures:
+            out["within_class_var"] = var.cpu().numpy()
+        if "cdnv" in measures:
+            out["cdnv_metric"] = cdnv(var, means).item()
+    for name, fn in (("equinorm", equinorm), ("equiangular", equiangularity), ("max_angle", max_angle)):
+        if name in measures:
+            out[f"{name}_M"], out[f"{name}_W"] = fn(M.T).item(), fn(W).item()
+    if "self_duality" in measures:
+        out["self_duality"] = self_duality(W, M).item()
+    return out
+
+
+def layer_measures(H, y, num_classes, pred=None, chunk=8192):
+    """NC1, tr(Sigma_W)/tr(Sigma_B) and (given the network's predictions pred (N,)) the NCC agreement of
+    features held in memory, H (N, d) with labels y (N,): {"NC1", "trace_ratio", "ncc"} as floats.
+
+    Two passes over the kept features, in float64 chunks: the class means first, then the centred
+    features h_i - mu_{y_i}, exact about the final means. NC1 needs Sigma_W only on the r <= K - 1
+    directions U it keeps (NC1 = sum_j u_j^T Sigma_W u_j / s_j^2), so no d x d scatter is formed:
+    O(N d K) time and O(K d) memory beside H, against O(N d^2) for streaming the scatter, which makes
+    the measures of many wide layers cheap. The same numbers as NC1 and trace_ratio of NCStats.
+    """
+    N, d = H.shape
+    n = torch.bincount(y, minlength=num_classes).to(torch.float64)  # (K,)
+    empty = torch.nonzero(n == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"classes {empty} have no samples: class means (and NC1) are undefined")
+    sums = torch.zeros(num_classes, d, dtype=torch.float64, device=H.device)  # (K, d)
+    for start in range(0, N, chunk):  # one-hot products: far faster than index_add_ on a CPU
+        onehot = F.one_hot(y[start:start + chunk], num_classes).to(torch.float64)  # (n, K)
+        sums += onehot.T @ H[start:start + chunk].to(torch.float64)
+    means, centre = sums / n[:, None], sums.sum(0) / N
+    U, S = _between_class_basis(means, centre)  # (d, r), (r,)
+    half_sq = 0.5 * means.pow(2).sum(1)  # (K,), for the nearest class mean (see ncc_predictions)
+    within = torch.zeros((), dtype=torch.float64, device=H.device)  # sum_i ||h_i - mu_{y_i}||^2
+    projected = torch.zeros(len(S), dtype=torch.float64, device=H.device)  # (r,) sum_i (u_j^T (h_i - mu_{y_i}))^2
+    agree = torch.zeros((), dtype=torch.float64, device=H.device)
+    for start in range(0, N, chunk):
+        h = H[start:start + chunk].to(torch.float64)  # (n, d)
+        c = h - means[y[start:start + chunk]]  # (n, d)
+        within += (c * c).sum()
+        projected += (c @ U).pow(2).sum(0)
+        if pred is not None:
+            agree += ((half_sq - h @ means.T).argmin(1) == pred[start:start + chunk]).sum()
+    out = {"NC1": (projected / N / S ** 2).sum().item(), "trace_ratio": trace_ratio(within / N, means, centre).item()}
+    if pred is not None:
+        out["ncc"] = (agree / N).item()
+    return out
 
 
 # ---------------------------------------------------------------------------- per-sample extras

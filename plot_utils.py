@@ -16,12 +16,21 @@ Figures written to the output folder, each as .png and .pdf:
                    mini-ImageNet's 50,000), where the misclassified and hardest samples sit;
                    --margin_head K shows the K lowest instead
 
+With --keys KEY ..., also any stored scalar key of info.pkl against epoch (one figure per key, named
+after it; e.g. the keys validate_NC.py --measures adds). Runs validated with --layers also get, per
+run and per quantity (NC1, trace_ratio, ncc):
+
+    <label>_layers_<quantity>_depth   the quantity against depth, one curve per checked epoch
+    <label>_layers_<quantity>_epoch   the quantity against epoch, one curve per layer
+
 Markers sit every 25 epochs on the paper's 200-epoch runs (about 8 per curve on shorter runs,
 or every --markevery epochs). Nothing is drawn or read at import time.
 """
 import argparse
 import math
+import numbers
 import os
+import re
 import sys
 
 import matplotlib
@@ -34,7 +43,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 import rundir  # noqa: E402
 import runs as paper_runs  # noqa: E402
 from args import Parser, path, positive_int  # noqa: E402
-from nc import INFO_KEYS  # noqa: E402
+from nc import INFO_KEYS, LAYER_MEASURES  # noqa: E402
 from rundir import INFO, info_epochs  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -56,6 +65,10 @@ FIGURE_NAMES = tuple(c[0] for c in CURVES) + MARGIN_FIGURES
 MARGIN_HEAD_FRACTION = 0.01  # cos_margin_low: the lowest 1% of the training samples ...
 MARGIN_HEAD_MIN = 10         # ... but never fewer than 10
 PAPER_MARKEVERY = 25         # epochs between markers on runs of 100 epochs or more
+DEPTH_CURVES = 8             # at most this many epochs drawn against depth
+LAYER_LABELS = {"NC1": r"$\mathcal{NC}_1$", "trace_ratio": r"$\mathrm{tr}(\Sigma_W) / \mathrm{tr}(\Sigma_B)$",
+                "ncc": "NCC agreement"}
+LOG_KEYS = {INFO_KEYS["NC1"], "trace_ratio_metric", "cdnv_metric"}  # --keys drawn on a log axis
 
 # The look: a 10 x 8 inch canvas with thick lines and large type, so that a panel shrunk to a
 # quarter of a column in the paper stays readable.
@@ -190,8 +203,70 @@ def draw_margins(runs, head=False, margin_head=None):
     return fig
 
 
-def plot_infos(runs, out_dir, markevery=None, margin_head=None):
-    """Draw every figure for runs = [(label, info)] into out_dir. Returns the written paths."""
+def is_scalar_key(info, key):
+    """Whether info[key] holds one number (or None, for an epoch measured without it) per epoch."""
+    values = info.get(key)
+    return (isinstance(values, (list, tuple)) and
+            all(v is None or isinstance(v, numbers.Real) or (np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number))
+                for v in values) and any(v is not None for v in values))
+
+
+def check_keys(runs, keys):
+    """--keys: each must be a scalar key of some run's info.pkl; else a UserError listing those there are."""
+    for key in keys:
+        if not any(is_scalar_key(info, key) for _, info in runs):
+            scalars = sorted({k for _, info in runs for k in info if k != "epochs" and is_scalar_key(info, k)})
+            raise UserError(f"--keys {key}: no run has it as a number per epoch; the runs have {', '.join(scalars)}")
+
+
+def _layer_series(info, quantity):
+    """(epochs, layer names, values (epochs x layers)) of a run's per-layer measures; epochs without them left out."""
+    pairs = [(e, layers) for e, layers in zip(info_epochs(info), info["layers"]) if layers]
+    names = list(pairs[-1][1])
+    values = np.array([[layers.get(n, {}).get(quantity, np.nan) for n in names] for _, layers in pairs], dtype=float)
+    return [e for e, _ in pairs], names, values
+
+
+def draw_layers_vs_depth(info, quantity):
+    """One run's quantity against depth, one curve per checked epoch (at most DEPTH_CURVES, the last included)."""
+    epochs, names, values = _layer_series(info, quantity)
+    picks = sorted(set(np.linspace(0, len(epochs) - 1, min(DEPTH_CURVES, len(epochs))).round().astype(int)))
+    fig, ax = plt.subplots(figsize=STYLE["figsize"])
+    plot = ax.semilogy if quantity != "ncc" else ax.plot
+    for j, i in enumerate(picks):
+        plot(range(len(names)), values[i], label=f"epoch {epochs[i]}", **_line_kwargs(j))
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 5 else 0)
+    _style_axes(ax, "Layer", LAYER_LABELS[quantity], [f"epoch {epochs[i]}" for i in picks])
+    return fig
+
+
+def draw_layers_vs_epoch(info, quantity, markevery=None):
+    """One run's quantity against epoch, one curve per layer."""
+    epochs, names, values = _layer_series(info, quantity)
+    fig, ax = plt.subplots(figsize=STYLE["figsize"])
+    plot = ax.semilogy if quantity != "ncc" else ax.plot
+    for j, name in enumerate(names):
+        plot(epochs, values[:, j], label=name, markevery=marker_indices(epochs, markevery), **_line_kwargs(j))
+    _style_axes(ax, "Epoch", LAYER_LABELS[quantity], names)
+    return fig
+
+
+def layer_figures(runs, markevery=None):
+    """[(file name, figure)] of the per-layer measures of every run that has them."""
+    figures = []
+    for label, info in runs:
+        if not any(info.get("layers") or []):
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+        for quantity in LAYER_MEASURES:
+            figures.append((f"{stem}_layers_{quantity}_depth", draw_layers_vs_depth(info, quantity)))
+            figures.append((f"{stem}_layers_{quantity}_epoch", draw_layers_vs_epoch(info, quantity, markevery)))
+    return figures
+
+
+def plot_infos(runs, out_dir, markevery=None, margin_head=None, keys=()):
+    """Draw every figure for runs = [(label, info)] into out_dir (and one per `keys`, any scalar key of
+    info.pkl). Returns the written paths."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
@@ -200,6 +275,11 @@ def plot_infos(runs, out_dir, markevery=None, margin_head=None):
         raise UserError(f"cannot write figures to --out_dir {out_dir} ({e.strerror}): choose another folder")
     figures = [(name, draw_curve(runs, key, ylabel, log, markevery)) for name, key, ylabel, log in CURVES]
     figures += [(name, draw_margins(runs, head, margin_head)) for name, head in zip(MARGIN_FIGURES, (False, True))]
+    figures += [(re.sub(r"[^A-Za-z0-9_.-]+", "_", key), draw_curve([(label, info) for label, info in runs
+                                                                    if is_scalar_key(info, key)],
+                                                                   key, key, key in LOG_KEYS, markevery))
+                for key in keys]
+    figures += layer_figures(runs, markevery)
     written = [path for name, fig in figures if fig is not None for path in _save(fig, out_dir, name)]
     missing = [name for name, fig in figures if fig is None]
     for label, info in runs:
@@ -212,7 +292,7 @@ def plot_infos(runs, out_dir, markevery=None, margin_head=None):
     return written
 
 
-def plot_runs(runs, out_dir, markevery=None, margin_head=None, skip_missing=False, hint=""):
+def plot_runs(runs, out_dir, markevery=None, margin_head=None, skip_missing=False, hint="", keys=()):
     """runs = [(label, run directory)]. Every info.pkl is read before anything is written; a run
     that cannot be read is a UserError (with skip_missing: a warning, and the run is left out)."""
     labels = [label for label, _ in runs]
@@ -229,7 +309,8 @@ def plot_runs(runs, out_dir, markevery=None, margin_head=None, skip_missing=Fals
             print(f"warning: {e}; left out", file=sys.stderr)
     if not loaded:
         raise UserError("none of the runs could be read: nothing to plot")
-    written = plot_infos(loaded, out_dir, markevery, margin_head)
+    check_keys(loaded, keys)
+    written = plot_infos(loaded, out_dir, markevery, margin_head, keys)
     runs_word = "run" if len(loaded) == 1 else "runs"
     print(f"wrote {len(written) // 2} figures (png and pdf) of {len(loaded)} {runs_word} to {out_dir}/")
     return written

@@ -2,6 +2,10 @@
 checkpoint of a run directory; write <run>/info.pkl and <run>/test_log.txt.
 
     python validate_NC.py --load_path model_weights/<uid>
+    python validate_NC.py --load_path model_weights/<uid> --measures all --layers
+
+--measures adds the other NC measures of the literature (nc.MEASURES) to info.pkl; --layers records
+NC1, tr(Sigma_W)/tr(Sigma_B) and the NCC agreement at every layer (layer_taps), in the same pass.
 
 The model and data flags are read from the run's args.json; flags given here must agree with them.
 Each checkpoint's results are kept in <run>/nc_results/ as they are computed, keyed to everything
@@ -18,20 +22,98 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import datasets
 import models
 import nc
 import rundir
+from models.resnet import ResNet
 from args import MODEL_FLAGS, explicit_args, validate_parser
-from utils import (RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero, end_distributed, get_device,
+from utils import (UserError, all_finite, broadcast_from_rank_zero, end_distributed, get_device,
                    init_distributed, is_rank_zero, rank_device, run_main, torchrun_env, world)
 
 # Raise when the numbers a result holds change meaning: stored results of another version are recomputed.
 METRIC_VERSION = 2
 # info.pkl: one list entry per evaluated checkpoint under each key (the original code's key names).
 INFO_KEYS = tuple(nc.INFO_KEYS.values())
+# The keys --measures and --layers add, in the order info.pkl lists them.
+EXTRA_KEYS = tuple(key for keys in nc.MEASURES.values() for key in keys) + ("layers", "layer_names")
+
+
+def parse_measures(items):
+    """--measures all|paper|NAME[,NAME ...] -> the measure names (nc.MEASURES), in their canonical order;
+    () for paper. An unknown name is a UserError that lists the valid ones."""
+    names = [n for item in items or ["paper"] for n in item.split(",") if n]
+    if names == ["paper"]:
+        return ()
+    if names == ["all"]:
+        return tuple(nc.MEASURES)
+    unknown = [n for n in names if n not in nc.MEASURES]
+    if unknown:
+        raise UserError(f"--measures: unknown {', '.join(unknown)}; choose all, paper, or any of "
+                        f"{', '.join(nc.MEASURES)}")
+    return tuple(n for n in nc.MEASURES if n in names)
+
+
+# ---------------------------------------------------------------------------- layers
+
+def _flat(t):
+    return t.flatten(1)
+
+
+def _gap(t):
+    return t.mean((2, 3))  # (B, C): global average pooling of a stage's (B, C, H, W) output
+
+
+def layer_taps(model):
+    """{layer name: (module, map of its output to (B, d_l) features)}, in depth order; the last is 'h',
+    the features the model returns. MLP: hidden1 .. hidden{depth-1}, the outputs of its ReLUs (the last
+    ReLU's is h); ResNets: layer1 .. layer4, each stage's output after global average pooling, and h
+    (layer4 after the model's own pooling). Another model is a UserError."""
+    if isinstance(model, models.MLP):
+        relus = [m for m in model.features if isinstance(m, nn.ReLU)]
+        taps = {f"hidden{i + 1}": (m, _flat) for i, m in enumerate(relus[:-1])}
+        taps["h"] = (relus[-1], _flat)
+        return taps
+    if isinstance(model, ResNet):
+        taps = {f"layer{i}": (getattr(model, f"layer{i}"), _gap) for i in range(1, 5)}
+        taps["h"] = (model.avgpool, _flat)
+        return taps
+    raise UserError(f"--layers: the layers of {type(model).__name__} are not known; "
+                    "--layers works with the MLP and the ResNets")
+
+
+def select_layers(model, names):
+    """The layer names --layers asks for ([] for all) among layer_taps(model); an unknown one is a
+    UserError that lists the valid ones."""
+    taps = layer_taps(model)
+    unknown = [n for n in names if n not in taps]
+    if unknown:
+        raise UserError(f"--layers: unknown {', '.join(unknown)}; this model's layers are {', '.join(taps)}")
+    return tuple(n for n in taps if not names or n in names)
+
+
+class LayerHooks:
+    """Forward hooks that keep, for each named layer, the features of the last forward pass
+    (self.features[name], (B, d_l)). A context manager: the hooks are removed on exit."""
+
+    def __init__(self, model, names):
+        taps = layer_taps(model)
+        self.taps, self.features, self.handles = {n: taps[n] for n in names}, {}, []
+
+    def __enter__(self):
+        for name, (module, to_features) in self.taps.items():
+            def hook(module, inputs, output, name=name, to_features=to_features):
+                self.features[name] = to_features(output)
+            self.handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def run_arguments(cli, given):
@@ -69,15 +151,26 @@ class Measurement:
     was not kept, as training with --save_every leaves it). validate_NC.py and training with
     --nc_every measure through this one class, so their results are the same and each reuses the other's."""
 
-    def __init__(self, run_dir, args, data, model, device, channels_last, batch_size):
+    def __init__(self, run_dir, args, data, model, device, channels_last, batch_size, measures=(), layers=()):
         self.run_dir, self.model, self.K = run_dir, model, data.num_classes
         rank, size = world()  # under torchrun each rank measures its block of each split; evaluate() merges them
+        self.measures, self.layers = tuple(measures), tuple(layers)
         self.train_loader, self.test_loader = datasets.make_loaders(
             data if size == 1 else datasets.shard(data, rank, size), batch_size, device, args.loader, train=False,
             num_workers=args.num_workers, channels_last=channels_last)
         # Not keyed to the batch size: it changes no formula, only how sums are rounded.
         self.key = {"version": METRIC_VERSION, "data": data_key(data),
                     "model": {k: getattr(args, k, None) for k in MODEL_FLAGS}}
+        # Only a measurement with extras says so: the paper's results keep the key they always had.
+        if self.measures:
+            self.key["measures"] = self.measures
+        if self.layers:
+            self.key["layers"] = self.layers
+
+    def stored_paper(self, epoch):
+        """The stored result of an epoch measured without --measures and --layers, or None."""
+        key = {k: v for k, v in self.key_of(epoch).items() if k not in ("measures", "layers")}
+        return rundir.read_result(self.run_dir, epoch, key)
 
     def key_of(self, epoch):
         path = rundir.checkpoint_path(self.run_dir, epoch)
@@ -97,7 +190,7 @@ class Measurement:
         None), or (None, the reason) when the metrics cannot be computed (e.g. an SVD that fails)."""
         key = self.key_of(epoch)  # before evaluating: a checkpoint replaced meanwhile is measured again later
         try:
-            result = evaluate(self.model, self.train_loader, self.test_loader, self.K)
+            result = evaluate(self.model, self.train_loader, self.test_loader, self.K, self.measures, self.layers)
         except (RuntimeError, ValueError) as e:
             return None, f"its metrics cannot be computed ({' '.join(str(e).split())[:120]})"
         if is_rank_zero():  # every rank has the same result; one writes it
@@ -109,20 +202,33 @@ class TrainingSetMetrics:
     """Everything info.pkl records about the training set, accumulated batch by batch.
 
     The NC statistics stream (nc.NCStats); the features themselves are also kept, in one (N, d)
-    device tensor, because the cosine margins and the nuclear ratio are per-sample quantities.
+    device tensor, because the cosine margins and the nuclear ratio are per-sample quantities. With
+    layers, each layer's features are kept too ((N, d_l) each), for nc.layer_measures.
     """
 
-    def __init__(self, num_classes, dim, num_samples, device):
+    def __init__(self, num_classes, dim, num_samples, device, keep_pred=False, layers=()):
         self.K, self.filled = num_classes, 0
+        # The network's predictions, for the NCC agreement (N,): only when asked for.
+        self.pred = torch.empty(num_samples, dtype=torch.int64, device=device) if keep_pred else None
+        # Each layer's features (N, d_l), allocated at the first batch; h's are self.H.
+        self.layers = {name: None for name in layers}
         self.stats = nc.NCStats(num_classes, dim, device)
         self.H = torch.empty(num_samples, dim, device=device)  # (N, d)
         self.y = torch.empty(num_samples, dtype=torch.int64, device=device)  # (N,)
         self.hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5
 
-    def add(self, logits, h, y):
+    def add(self, logits, h, y, layer_features=None):
         self.stats.update(h, y)
         end = self.filled + len(y)
         self.H[self.filled:end], self.y[self.filled:end] = h, y
+        if self.pred is not None:
+            self.pred[self.filled:end] = logits.argmax(1)
+        for name in self.layers:
+            if name != "h":
+                f = layer_features[name]  # (B, d_l)
+                if self.layers[name] is None:
+                    self.layers[name] = torch.empty(len(self.H), f.shape[1], dtype=f.dtype, device=f.device)
+                self.layers[name][self.filled:end] = f
         self.hits += nc.topk_hits(logits, y)
         self.filled = end
 
@@ -140,6 +246,18 @@ class TrainingSetMetrics:
                       "all_cos_margin": np.sort(to_numpy(margins)),
                       "nuclear_ratio": nc.nuclear_ratio(self.H, self.y, self.K)}
         return {nc.INFO_KEYS[k]: to_numpy(v) if torch.is_tensor(v) else v for k, v in quantities.items()}
+
+    def more_result(self, W, measures):
+        """The entries of info.pkl that --measures and --layers add (the training set's; ncc_test is
+        the test pass's)."""
+        out = nc.more_metrics(self.stats, W, measures)
+        if "ncc" in measures:
+            out["ncc_train"] = nc.ncc_agreement(self.H, self.pred, nc.mu_c(self.stats))
+        if self.layers:
+            out["layers"] = {name: nc.layer_measures(self.H if name == "h" else H, self.y, self.K, self.pred)
+                             for name, H in self.layers.items()}
+            out["layer_names"] = list(self.layers)
+        return out
 
 
 def all_reduce_sum(t):
@@ -169,23 +287,44 @@ def last_layer(model):
 
 
 @torch.no_grad()
-def training_set_metrics(model, loader, num_classes):
-    """The training-set entries of info.pkl, from one forward pass over `loader` (model in eval mode)."""
+def training_pass(model, loader, num_classes, measures=(), layers=()):
+    """The TrainingSetMetrics of one forward pass over `loader` (model in eval mode); with `layers`,
+    each named layer's features too, taken by forward hooks in the same pass."""
     device = model.fc.weight.device
-    train = TrainingSetMetrics(num_classes, models.feature_dim(model), datasets.num_samples(loader), device)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, h = model(x)
-        train.add(logits, h, y)
-    return train.result(*last_layer(model))
+    train = TrainingSetMetrics(num_classes, models.feature_dim(model), datasets.num_samples(loader), device,
+                               keep_pred="ncc" in measures or bool(layers), layers=layers)
+    with LayerHooks(model, layers) as hooks:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits, h = model(x)
+            train.add(logits, h, y, hooks.features)
+    return train
+
+
+def training_set_metrics(model, loader, num_classes, measures=(), layers=()):
+    """The training-set entries of info.pkl, from one forward pass over `loader` (model in eval mode)."""
+    train = training_pass(model, loader, num_classes, measures, layers)
+    W, b = last_layer(model)
+    result = train.result(W, b)
+    if measures or layers:
+        result.update(train.more_result(W, measures))
+    return result
 
 
 @torch.no_grad()
-def evaluate(model, train_loader, test_loader, num_classes):
-    """Every per-checkpoint quantity of info.pkl, in one forward pass over each split."""
+def evaluate(model, train_loader, test_loader, num_classes, measures=(), layers=()):
+    """Every per-checkpoint quantity of info.pkl, in one forward pass over each split; `measures`
+    (names of nc.MEASURES) and `layers` (of layer_taps) add their entries."""
     model.eval()
     device = model.fc.weight.device
-    train = training_set_metrics(model, train_loader, num_classes)
+    train_pass = training_pass(model, train_loader, num_classes, measures, layers)
+    W, b = last_layer(model)
+    train = train_pass.result(W, b)
+    if measures or layers:
+        train.update(train_pass.more_result(W, measures))
+    # The test set's NCC agreement is measured against the training class means, known by now.
+    train_means = nc.mu_c(train_pass.stats) if "ncc" in measures else None
+    ncc_hits = torch.zeros((), dtype=torch.float64, device=device)
     test_hits = torch.zeros(2, dtype=torch.float64, device=device)
     test_sum = torch.zeros(models.feature_dim(model), dtype=torch.float64, device=device)
     for x, y in test_loader:
@@ -193,13 +332,16 @@ def evaluate(model, train_loader, test_loader, num_classes):
         logits, h = model(x)
         test_hits += nc.topk_hits(logits, y)
         test_sum += h.to(torch.float64).sum(0)
+        if train_means is not None:
+            ncc_hits += nc.ncc_hits(h, logits.argmax(1), train_means)
     n_test = datasets.num_samples(test_loader)
     if world()[1] > 1:  # this rank's block of the test set
         test_hits, test_sum = all_reduce_sum(test_hits), all_reduce_sum(test_sum)
         n_test = int(all_reduce_sum(torch.tensor(n_test, device=device)).item())
     acc1, acc5 = (100 * test_hits / n_test).tolist()
+    extra = {"ncc_test": (ncc_hits / n_test).item()} if train_means is not None else {}
     return {**train, "test_acc1": acc1, "test_acc5": acc5,
-            "mu_G_test": to_numpy(test_sum / n_test)}
+            "mu_G_test": to_numpy(test_sum / n_test), **extra}
 
 
 def load_checkpoint(model, path, device):
@@ -235,23 +377,34 @@ def main_one(argv=None):
         raise UserError(f"--load_path {run_dir} is not a directory; give a run directory such as model_weights/<uid>")
     if not rundir.list_checkpoints(run_dir, cli.epochs) and not rundir.result_epochs(run_dir):
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
+    measures = parse_measures(cli.measures)
     args = run_arguments(cli, explicit_args(parser, argv))
     rundir.results_dir(run_dir)  # refuses a file in the way before any work
     distributed = torchrun_env() is not None
+    if distributed and (measures or cli.layers is not None):
+        raise UserError("--measures and --layers are measured by one process: run validate_NC.py without torchrun")
     device = rank_device(args.device) if distributed else get_device(args.gpu_id, args.device)
     with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated") if is_rank_zero() else nullcontext():
-        return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs)
+        return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs,
+                        measures, cli.layers)
 
 
-def validate(args, run_dir, checkpoints, device, max_epoch=None):
+def validate(args, run_dir, checkpoints, device, max_epoch=None, measures=(), layers=None):
+    """layers: None (no per-layer measures), [] (every layer) or layer names."""
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     model, channels_last = models.build_on_device(args, data.num_classes, device)
-    measurement = Measurement(run_dir, args, data, model, device, channels_last, args.batch_size)
-    # Epochs measured during training whose checkpoints were not kept: their results are all there is.
-    results = {e: r for e, r in measurement.stored_results(max_epoch).items()
-               if not os.path.exists(rundir.checkpoint_path(run_dir, e))}
-    lost = [e for e in rundir.result_epochs(run_dir) if (max_epoch is None or e <= max_epoch) and e not in results
-            and not os.path.exists(rundir.checkpoint_path(run_dir, e))]
+    layers = () if layers is None else select_layers(model, layers)
+    measurement = Measurement(run_dir, args, data, model, device, channels_last, args.batch_size, measures, layers)
+    # Epochs measured during training whose checkpoints were not kept: their results are all there is
+    # (without the extra measures, if they were measured without them: those entries are None).
+    results, lost = {}, []
+    for e in rundir.result_epochs(run_dir):
+        if (max_epoch is None or e <= max_epoch) and not os.path.exists(rundir.checkpoint_path(run_dir, e)):
+            r = measurement.stored(e) or measurement.stored_paper(e)
+            if r is not None:
+                results[e] = r
+            else:
+                lost.append(e)
     if lost:
         warnings.warn(f"{len(lost)} epochs (from {lost[0]}) were measured during training on other data or by "
                       "other code, and their checkpoints were not kept: they cannot be measured here and are left out")
@@ -286,8 +439,15 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None):
 
 
 def write_info(run_dir, results):
-    """info.pkl and test_log.txt of results = {epoch: result}."""
-    return rundir.write_info(run_dir, results, INFO_KEYS, format_line)
+    """info.pkl and test_log.txt of results = {epoch: result}. The keys of --measures and --layers are
+    written when a result has them; an epoch measured without them gets None there."""
+    extra = [k for k in EXTRA_KEYS if any(k in r for r in results.values())]
+    lacking = sorted(e for e, r in results.items() if any(k not in r for k in extra))
+    if lacking:
+        warnings.warn(f"epochs {lacking} were measured without some of {', '.join(extra)} (their checkpoints "
+                      "are gone): None there in info.pkl")
+        results = {e: {**{k: None for k in extra}, **r} for e, r in results.items()}
+    return rundir.write_info(run_dir, results, INFO_KEYS + tuple(extra), format_line)
 
 
 def format_line(epoch, r):

@@ -13,6 +13,13 @@ the reference keeps float32 arithmetic; exactness against float64 is the tests' 
 Prints both times end to end (forward passes included) and after the forward pass (from each
 batch's features and labels to the final metrics). The last line is
 `ratio: <reference seconds / repository seconds>` for the part after the forward pass.
+
+    python bench/validate.py --measures all [--layers]
+
+also times the training-set measurement (forward pass included) with the extra measures (and the
+per-layer ones) against without, best of --repeats each, and ends with
+`measures_overhead: <(with - without) / without>`, the extras' share of the validation time (CPU
+time on a CPU: see measures_overhead).
 """
 import argparse
 import os
@@ -27,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import models  # noqa: E402
 from args import add_model_args  # noqa: E402
-from validate_NC import TrainingSetMetrics, last_layer, training_set_metrics  # noqa: E402
+from validate_NC import TrainingSetMetrics, last_layer, parse_measures, select_layers, training_set_metrics  # noqa: E402
 
 
 def get_args(argv=None):
@@ -43,6 +50,9 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers of the reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--measures", nargs="+", default=["paper"], help="also time these extra measures (all, or names)")
+    p.add_argument("--layers", nargs="*", default=None, help="also time the per-layer measures (of these layers)")
+    p.add_argument("--repeats", type=int, default=3, help="timings of the overhead: best of this many")
     return p.parse_args(argv)
 
 
@@ -210,7 +220,37 @@ def main(argv=None):
     print(f"after forward pass:  ours {t_ours2:.3f} s, reference {t_ref2:.3f} s")
     print(f"end_to_end_ratio: {t_ref / t_ours:.1f}")
     print(f"ratio: {t_ref2 / t_ours2:.1f}")
+    measures = parse_measures(args.measures)
+    layers = () if args.layers is None else select_layers(model, args.layers)
+    if measures or layers:
+        measures_overhead(model, fast, K, measures, layers, device, args.repeats)
 
+
+def measures_overhead(model, loader, K, measures, layers, device, repeats):
+    """The extras' share of the training set's validation: (with - without) / without, each the best of
+    `repeats` interleaved runs, in CPU seconds of this process on a CPU (other processes on a shared
+    machine disturb them far less than wall-clock seconds) and in wall-clock seconds on a GPU.
+    Prints it last."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+    def run(*extras):
+        sync(device)
+        t = clock()
+        training_set_metrics(model, loader, K, *extras)
+        sync(device)
+        return clock() - t
+
+    run(measures, layers)  # warm-up
+    plain, extra = [], []
+    for _ in range(repeats):
+        plain.append(run())
+        extra.append(run(measures, layers))
+    t0, t1 = min(plain), min(extra)
+    what = ", ".join(measures) + (f"; layers {', '.join(layers)}" if layers else "")
+    unit = "CPU s" if device.type == "cpu" else "s"
+    print(f"validation of the training set: {t0:.3f} {unit}; with {what}: {t1:.3f} {unit}")
+    print(f"measures_overhead: {(t1 - t0) / t0:.3f}")
+    return t0, t1
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,343 @@
+"""The NC measures of the literature (nc.py's MEASURES, validate_NC.py --measures and --layers):
+direct float64 references, collapsed configurations, invariances, layer hooks, info.pkl, bad input."""
+import itertools
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import nc
+import train_1st_order
+import validate_NC
+from conftest import refused
+from models import simplex_etf
+from utils import UserError
+
+
+# ---------------------------------------------------------------------------- references in numpy
+
+def reference(H, y, W, pred):
+    """Every extra measure written directly from its formula, in float64 numpy."""
+    H, W = np.asarray(H, dtype=np.float64), np.asarray(W, dtype=np.float64)
+    y, pred = np.asarray(y), np.asarray(pred)
+    K = W.shape[0]
+    mu = np.stack([H[y == k].mean(0) for k in range(K)])  # (K, d)
+    mu_G = H.mean(0)
+    Sigma_W = sum(np.outer(h - mu[t], h - mu[t]) for h, t in zip(H, y)) / len(y)
+    Sigma_B = sum(np.outer(m - mu_G, m - mu_G) for m in mu) / K
+    var = np.array([np.mean(np.sum((H[y == k] - mu[k]) ** 2, 1)) for k in range(K)])
+    pairs = list(itertools.combinations(range(K), 2))
+    cdnv = np.mean([(var[k] + var[l]) / (2 * np.sum((mu[k] - mu[l]) ** 2)) for k, l in pairs])
+    Mc = (mu - mu_G).T  # (d, K)
+
+    def cosines(X):  # rows
+        return np.array([X[k] @ X[l] / (np.linalg.norm(X[k]) * np.linalg.norm(X[l])) for k, l in pairs])
+
+    def norms_cv(X):
+        n = np.linalg.norm(X, axis=1)
+        return np.std(n) / np.mean(n)
+
+    nearest = np.argmin(((H[:, None, :] - mu[None]) ** 2).sum(2), 1)
+    return {"trace_ratio_metric": np.trace(Sigma_W) / np.trace(Sigma_B), "cdnv_metric": cdnv,
+            "within_class_var": var,
+            "equinorm_M": norms_cv(Mc.T), "equinorm_W": norms_cv(W),
+            "equiangular_M": np.std(cosines(Mc.T)), "equiangular_W": np.std(cosines(W)),
+            "max_angle_M": np.mean(np.abs(cosines(Mc.T) + 1 / (K - 1))),
+            "max_angle_W": np.mean(np.abs(cosines(W) + 1 / (K - 1))),
+            "self_duality": np.sum((W / np.linalg.norm(W) - Mc.T / np.linalg.norm(Mc)) ** 2),
+            "ncc_train": np.mean(nearest == pred)}
+
+
+def random_problem(K=5, d=12, N=200, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.arange(K), torch.arange(K), torch.randint(0, K, (N - 2 * K,), generator=g)])
+    means = 3 * torch.randn(K, d, generator=g, dtype=torch.float64)
+    H = means[y] + spread * torch.randn(N, d, generator=g, dtype=torch.float64)
+    W = torch.randn(K, d, generator=g, dtype=torch.float64)
+    pred = torch.randint(0, K, (N,), generator=g)
+    pred[: N // 2] = y[: N // 2]  # agreement neither 0 nor 1
+    return H, y, W, pred
+
+
+def measures_of(H, y, W, pred, batch=None):
+    """nc's measures of the features, streamed in batches of `batch` rows."""
+    stats = nc.NCStats(W.shape[0], H.shape[1])
+    for start in range(0, len(y), batch or len(y)):
+        stats.update(H[start:start + (batch or len(y))], y[start:start + (batch or len(y))])
+    out = nc.more_metrics(stats, W, tuple(nc.MEASURES))
+    out["ncc_train"] = nc.ncc_agreement(H, pred, nc.mu_c(stats), chunk=7)
+    return out
+
+
+def assert_close(out, ref, rel=1e-9, abs=1e-12):
+    assert set(out) == set(ref)
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], rtol=rel, atol=abs, err_msg=key)
+
+
+@pytest.mark.parametrize("seed, batch", [(0, None), (1, 17)])
+def test_each_measure_matches_its_formula_in_numpy(seed, batch):
+    H, y, W, pred = random_problem(seed=seed)
+    assert_close(measures_of(H, y, W, pred, batch), reference(H, y, W, pred))
+
+
+def test_every_measure_has_its_documented_info_keys():
+    H, y, W, pred = random_problem()
+    assert set(measures_of(H, y, W, pred)) == {k for keys in nc.MEASURES.values() for k in keys} - {"ncc_test"}
+
+
+def test_streamed_within_class_variance_keeps_precision_on_collapsed_features():
+    # tiny spread around large means: a sum of squares minus a squared mean would lose it all
+    H, y, W, pred = random_problem(spread=1e-6)
+    H = H + 1e4
+    ref = reference(H, y, W, pred)
+    out = measures_of(H, y, W, pred, batch=13)
+    np.testing.assert_allclose(out["within_class_var"], ref["within_class_var"], rtol=1e-6)
+
+
+def collapsed(K=4, d=6, n=3, scale=0.7):
+    """Features equal to a simplex ETF's columns (per class), W their transpose: exact collapse."""
+    E = simplex_etf(K, d).double()  # (K, d), rows sum to zero: mu_G = 0
+    y = torch.arange(K).repeat_interleave(n)
+    return scale * E[y], y, E.clone(), y.clone()
+
+
+def test_every_measure_vanishes_on_an_exact_collapse():
+    H, y, W, pred = collapsed()
+    out = measures_of(H, y, W, pred)
+    for key, value in out.items():
+        target = 1.0 if key == "ncc_train" else 0.0
+        np.testing.assert_allclose(value, target, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 250.0])
+def test_scale_free_measures_ignore_the_scale_of_features(scale):
+    H, y, W, pred = random_problem(seed=2)
+    a, b = measures_of(H, y, W, pred), measures_of(scale * H, y, W, pred)
+    for key in ("trace_ratio_metric", "cdnv_metric", "equinorm_M", "equiangular_M", "max_angle_M",
+                "self_duality", "ncc_train"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    np.testing.assert_allclose(b["within_class_var"], scale ** 2 * a["within_class_var"], rtol=1e-9)
+
+
+def test_measures_ignore_a_rotation_of_feature_space():
+    H, y, W, pred = random_problem(seed=3)
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    a, b = measures_of(H, y, W, pred), measures_of(H @ Q, y, W @ Q, pred)  # rotate h and the rows of W alike
+    assert_close(b, a, rel=1e-8, abs=1e-12)
+
+
+def test_a_class_with_a_single_sample_gives_nan_and_a_warning_naming_it():
+    H, y, W, pred = random_problem(K=3, N=30)
+    y = y.clone()
+    y[y == 2] = 1
+    y[0] = 2  # class 2 has one sample
+    stats = nc.NCStats(3, H.shape[1])
+    stats.update(H, y)
+    with pytest.warns(UserWarning, match=r"classes \[2\] have a single sample"):
+        out = nc.more_metrics(stats, W, tuple(nc.MEASURES))
+    assert np.isnan(out["within_class_var"][2]) and np.isfinite(out["within_class_var"][:2]).all()
+    assert np.isnan(out["cdnv_metric"])
+    assert np.isfinite(out["trace_ratio_metric"]) and np.isfinite(out["self_duality"])
+
+
+def test_a_single_sample_class_does_not_crash_the_validation_of_a_training_set():
+    H, y, W, _ = random_problem(K=3, N=30)
+    y = y.clone()
+    y[y == 2] = 1
+    y[0] = 2
+    logits = H @ W.T
+    train = validate_NC.TrainingSetMetrics(3, H.shape[1], len(y), torch.device("cpu"), keep_pred=True, layers=("h",))
+    train.add(logits.float(), H.float(), y, {})
+    with pytest.warns(UserWarning, match=r"classes \[2\]"):
+        out = {**train.result(W, torch.zeros(3)), **train.more_result(W, tuple(nc.MEASURES))}
+    assert np.isnan(out["cdnv_metric"]) and np.isfinite(out["collapse_metric"]) and 0 <= out["ncc_train"] <= 1
+    assert np.isfinite(out["layers"]["h"]["NC1"])
+
+
+def test_many_classes_run_without_anything_quadratic_in_N():
+    # K = 1,000: the pairwise measures are K x K (8 MB); nothing is N x N.
+    K, d, N = 1000, 64, 3000
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N) % K
+    H = torch.randn(K, d, generator=g, dtype=torch.float64)[y] + 0.1 * torch.randn(N, d, generator=g, dtype=torch.float64)
+    W = torch.randn(K, d, generator=g, dtype=torch.float64)
+    out = measures_of(H, y, W, torch.randint(0, K, (N,), generator=g))
+    assert all(np.all(np.isfinite(v)) for v in out.values())
+    assert out["within_class_var"].shape == (K,)
+
+
+# ---------------------------------------------------------------------------- layers
+
+@pytest.mark.parametrize("spread, offset", [(1.0, 0.0), (1e-6, 1e4)])
+def test_layer_measures_from_kept_features_match_the_formulas(spread, offset):
+    H, y, W, pred = random_problem(seed=4, spread=spread)
+    H = H + offset
+    ref = reference(H, y, W, pred)
+    nc1_ref = nc.nc_metrics(H, y, W)["NC1"]  # tested against numpy's pinv in test_nc.py
+    out = nc.layer_measures(H.float() if offset == 0 else H, y, 5, pred, chunk=31)
+    assert out["NC1"] == pytest.approx(nc1_ref, rel=1e-5 if offset == 0 else 1e-6)
+    assert out["trace_ratio"] == pytest.approx(ref["trace_ratio_metric"], rel=1e-5 if offset == 0 else 1e-6)
+    assert out["ncc"] == pytest.approx(ref["ncc_train"])
+    exact = nc.layer_measures(H, y, 5, chunk=31)
+    assert exact["NC1"] == pytest.approx(nc1_ref, rel=1e-6) and "ncc" not in exact
+
+
+def test_layer_measures_vanish_on_an_exact_collapse():
+    H, y, _, pred = collapsed()
+    out = nc.layer_measures(H, y, 4, pred)
+    assert abs(out["NC1"]) < 1e-12 and abs(out["trace_ratio"]) < 1e-12 and out["ncc"] == 1.0
+
+
+
+@pytest.mark.parametrize("model", [models.MLP(hidden=16, depth=3, num_classes=4),
+                                   models.ResNet18_adapt(width=4, num_classes=4)])
+def test_layer_hooks_give_the_models_h_at_the_penultimate_layer(model):
+    model.eval()
+    names = validate_NC.select_layers(model, [])
+    assert names[-1] == "h"
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad(), validate_NC.LayerHooks(model, names) as hooks:
+        _, h = model(x)
+    assert torch.equal(hooks.features["h"], h)
+    assert all(f.shape[0] == 5 and f.dim() == 2 for f in hooks.features.values())
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())  # removed on exit
+
+
+def test_layer_names_by_model():
+    assert validate_NC.select_layers(models.MLP(hidden=8, depth=3), []) == ("hidden1", "hidden2", "h")
+    assert validate_NC.select_layers(models.resnet18(), ["h", "layer2"]) == ("layer2", "h")
+
+
+def test_an_unknown_layer_or_model_is_a_user_error_listing_the_valid_ones():
+    with pytest.raises(UserError, match="unknown layer9; this model's layers are hidden1, hidden2, h"):
+        validate_NC.select_layers(models.MLP(hidden=8, depth=3), ["layer9"])
+    with pytest.raises(UserError, match="layers of Linear are not known"):
+        validate_NC.select_layers(torch.nn.Linear(3, 3), [])
+
+
+def test_an_unknown_measure_is_a_user_error_listing_the_valid_ones():
+    assert validate_NC.parse_measures(["paper"]) == ()
+    assert validate_NC.parse_measures(["all"]) == tuple(nc.MEASURES)
+    assert validate_NC.parse_measures(["ncc,cdnv", "trace_ratio"]) == ("trace_ratio", "cdnv", "ncc")
+    with pytest.raises(UserError, match="unknown NC5; choose all, paper, or any of trace_ratio, cdnv"):
+        validate_NC.parse_measures(["cdnv", "NC5"])
+
+
+# ---------------------------------------------------------------------------- validate_NC.py end to end
+
+TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "16", "--depth", "2", "--sample_size", "20",
+        "--lr", "0.05", "--device", "cpu", "--batch_size", "64", "--num_workers", "0", "--nc_every", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train_1st_order.main(TINY + ["--epochs", "2", "--save_dir", str(root), "--uid", "tiny"])
+    return str(root / "tiny")
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    return str(shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("nc_results", "info.pkl")))
+
+
+def info_bytes(run_dir):
+    with open(os.path.join(run_dir, "info.pkl"), "rb") as f:
+        return f.read()
+
+
+def test_measures_paper_writes_the_same_info_pkl_bit_for_bit(run_copy, tmp_path):
+    other = shutil.copytree(run_copy, tmp_path / "other")
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu"])
+    validate_NC.main(["--load_path", str(other), "--device", "cpu", "--measures", "paper"])
+    assert info_bytes(run_copy) == info_bytes(other)
+    assert set(pickle.loads(info_bytes(run_copy))) == set(validate_NC.INFO_KEYS) | {"epochs"}
+
+
+def test_measures_all_and_layers_add_their_keys_and_are_not_served_a_paper_result(run_copy, capsys):
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu"])
+    paper = pickle.loads(info_bytes(run_copy))
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "all", "--layers"])
+    assert "(2 computed, 0 reused" in capsys.readouterr().out  # a paper result lacks the extras
+    info = pickle.loads(info_bytes(run_copy))
+    extra = {k for keys in nc.MEASURES.values() for k in keys} | {"layers", "layer_names"}
+    assert set(info) == set(paper) | extra
+    for key in validate_NC.INFO_KEYS:  # the paper's entries are unchanged
+        for a, b in zip(paper[key], info[key]):
+            np.testing.assert_array_equal(a, b)
+    assert info["layer_names"][-1] == ["hidden1", "h"]
+    last = info["layers"][-1]
+    assert last["h"]["NC1"] == pytest.approx(info["collapse_metric"][-1], rel=1e-9)
+    assert last["h"]["trace_ratio"] == pytest.approx(info["trace_ratio_metric"][-1], rel=1e-9)
+    assert last["h"]["ncc"] == pytest.approx(info["ncc_train"][-1], rel=1e-12)
+    assert all(0 <= info[k][-1] <= 1 for k in ("ncc_train", "ncc_test"))
+    assert info["within_class_var"][-1].shape == (10,)
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "all", "--layers"])
+    assert "(0 computed, 2 reused" in capsys.readouterr().out
+
+
+def test_bad_measures_and_layers_on_the_command_line_are_one_line_errors(run_copy, capsys):
+    line = refused(capsys, validate_NC.main, ["--load_path", run_copy, "--device", "cpu", "--measures", "NC9"])
+    assert "unknown NC9" in line and "self_duality" in line
+    line = refused(capsys, validate_NC.main, ["--load_path", run_copy, "--device", "cpu", "--layers", "layer4"])
+    assert "unknown layer4" in line and "hidden1, h" in line
+    assert not os.path.exists(os.path.join(run_copy, "info.pkl"))
+
+
+# ---------------------------------------------------------------------------- plot_runs.py
+
+def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
+    os.makedirs(run_dir)
+    n = len(epochs)
+    info = {"epochs": list(epochs), "collapse_metric": [1.0 / e for e in epochs],
+            "cdnv_metric": [None] + [0.5 / e for e in epochs[1:]],  # the first epoch measured without it
+            "ncc_train": [0.5 + 0.04 * e for e in epochs], "W": [np.zeros((3, 4))] * n}
+    if layers:
+        names = ["hidden1", "hidden2", "h"]
+        info["layer_names"] = [names] * n
+        info["layers"] = [{name: {"NC1": (j + 1) / e, "trace_ratio": 0.1 * (j + 1) / e, "ncc": 0.9}
+                           for j, name in enumerate(names)} for e in epochs]
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(info, f)
+
+
+def test_plot_runs_draws_any_scalar_key_and_the_layers(tmp_path, capsys):
+    import plot_runs
+    write_info(str(tmp_path / "a"))
+    write_info(str(tmp_path / "b"), layers=False)
+    out = tmp_path / "fig"
+    plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "cdnv_metric", "ncc_train",
+                    "--out_dir", str(out)])
+    names = set(os.listdir(out))
+    assert {"cdnv_metric.png", "ncc_train.pdf", "NC1.png"} <= names
+    for q in nc.LAYER_MEASURES:
+        assert f"a_layers_{q}_depth.png" in names and f"a_layers_{q}_epoch.png" in names
+    assert not any(n.startswith("b_layers") for n in names)
+
+
+def test_plot_runs_refuses_a_key_that_is_not_a_scalar_per_epoch(tmp_path, capsys):
+    import plot_runs
+    write_info(str(tmp_path / "a"))
+    for key in ("W", "no_such_key"):
+        line = refused(capsys, plot_runs.main, [str(tmp_path / "a"), "--keys", key, "--out_dir", str(tmp_path / "f")])
+        assert f"--keys {key}: no run has it" in line and "cdnv_metric" in line
+
+
+@pytest.mark.slow
+def test_validate_bench_prints_the_measures_overhead_last():
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--width", "64", "--depth", "2", "--num_samples", "500", "--num_workers", "0", "--device", "cpu",
+             "--measures", "all", "--layers", "--repeats", "1"]
+    out = subprocess.run([sys.executable, "bench/validate.py", *flags], cwd=repo, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert any(line.startswith("ratio: ") for line in lines) and lines[-1].startswith("measures_overhead: ")
+    float(lines[-1].split()[1])
