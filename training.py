@@ -119,7 +119,8 @@ def make_objective(args, model, criterion, net=None):
     net = torch.compile(net) if args.compile else net
     # Under torchrun DDP averages the ranks' gradients, and the feature penalty is a sum over the
     # rank's share of the batch: scaled by the world size, the average is the one-process sum.
-    feature_decay_rate = args.feature_decay_rate * (world()[1] if dist.is_initialized() else 1)
+    if args.sep_decay:
+        feature_decay_rate = args.feature_decay_rate * (world()[1] if dist.is_initialized() else 1)
     device_type = next(model.parameters()).device.type
     # No autocast weight cache: it would outlive a CUDA graph's capture.
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)) \
@@ -364,7 +365,7 @@ def train(args, step, device, run_dir):
 
     t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,
-                  dynamic_ncols=True, disable=not writer)
+                  dynamic_ncols=True, **({} if writer else {"disable": True}))  # TQDM_DISABLE still works
     for epoch in epochs:
         t = time.time()
         lr = optimizer.param_groups[0]["lr"]

@@ -412,7 +412,8 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None, measures=(), la
     # Under torchrun, rank 0 decides what is reused (its writes must not change another rank's answer)
     reuse = broadcast_from_rank_zero({e: measurement.stored(e) for e, _ in checkpoints} if is_rank_zero() else None) \
         if world()[1] > 1 else None
-    for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True, disable=not is_rank_zero()):
+    quiet = {} if is_rank_zero() else {"disable": True}  # (passed only when set: TQDM_DISABLE still works)
+    for epoch, path in tqdm(checkpoints, desc="validating", dynamic_ncols=True, **quiet):
         result = measurement.stored(epoch) if reuse is None else reuse[epoch]
         if result is None:
             reason = load_checkpoint(model, path, device)
