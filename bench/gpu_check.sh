@@ -28,6 +28,8 @@ step train_plain $bench
 step train_plain_graph $bench $graph
 step train_sota_bf16_compile $bench --SOTA --amp bf16 --compile
 step train_sota_bf16_graph $bench --SOTA --amp bf16 $graph
+# several runs at once on one GPU (experiments.py --jobs N): target ratio >= 2.5 at N = 4
+step jobs python3 bench/jobs.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_train --device $dev --jobs 2 4 8
 # NC measured in the run: 50,000 + 10,000 CIFAR-shaped images, as CIFAR-10 (target nc_overhead <= 0.25)
 step train_sota_nc python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_nc --device $dev --SOTA --nc_every 1
 # The scripts themselves: train, resume one more epoch, validate; and the same run with CUDA graphs.

@@ -34,3 +34,14 @@ def test_train_bench_prints_the_nc_overhead():
     lines = out.stdout.strip().splitlines()
     assert any(line.startswith("ratio: ") for line in lines) and lines[-1].startswith("nc_overhead: ")
     assert 0 < float(lines[-1].split()[1]) < 100
+
+
+def test_jobs_bench_prints_its_ratio():
+    flags = ["--width", "16", "--depth", "1", "--num_samples", "500", "--num_workers", "0", "--device", "cpu",
+             "--jobs", "2", "--passes", "1"]
+    out = subprocess.run([sys.executable, "bench/jobs.py", *flags], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("1 run: ") and lines[1].startswith("2 runs: ")
+    assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
