@@ -57,10 +57,22 @@ def checkpoints(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The killed runs (subprocesses, all started at once) and the uninterrupted reference."""
+def one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same sums
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, one_thread):
+    """The uninterrupted run, trained in this process."""
+    return train_1st_order.main(argv(tmp_path_factory.mktemp("in_run_ref"), "ref"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ref):
+    """The killed runs (subprocesses, all started at once), and the reference."""
     root = tmp_path_factory.mktemp("in_run")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {}
@@ -68,17 +80,15 @@ def runs(tmp_path_factory):
         log = open(root / f"{name}.log", "w")
         procs[name] = subprocess.Popen(harness.command("train_1st_order.py", *argv(root / "killed", name), kill=fault),
                                        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    ref = train_1st_order.main(argv(root / "ref", "ref"))
     for name, proc in procs.items():
         assert proc.wait(timeout=300) == -9, (root / f"{name}.log").read_text()[-2000:]
     # a copy of a killed run as it was left, before a test resumes it
     in_progress = shutil.copytree(root / "killed" / "mid_epoch_3", root / "in_progress")
-    yield {"ref": ref, "killed": root / "killed", "in_progress": in_progress}
-    torch.set_num_threads(old)
+    return {"ref": ref, "killed": root / "killed", "in_progress": in_progress}
 
 
-def test_a_run_records_every_epoch_and_keeps_the_thinned_checkpoints(runs):
-    ref = runs["ref"]
+def test_a_run_records_every_epoch_and_keeps_the_thinned_checkpoints(ref):
+    ref = ref
     info = load_pickle(os.path.join(ref, rundir.INFO))
     assert info["epochs"] == [1, 2, 3, 4, 5] and set(info) == set(validate_NC.INFO_KEYS) | {"epochs"}
     assert checkpoints(ref) == [2, 4, 5]
@@ -89,8 +99,8 @@ def test_a_run_records_every_epoch_and_keeps_the_thinned_checkpoints(runs):
     assert len(open(os.path.join(ref, rundir.TEST_LOG)).read().splitlines()) == 5
 
 
-def test_in_run_results_equal_validation_of_the_checkpoints_bitwise(runs, tmp_path, capsys):
-    ref, info = runs["ref"], load_pickle(os.path.join(runs["ref"], rundir.INFO))
+def test_in_run_results_equal_validation_of_the_checkpoints_bitwise(ref, tmp_path, capsys):
+    ref, info = ref, load_pickle(os.path.join(ref, rundir.INFO))
     fresh = shutil.copytree(ref, tmp_path / "fresh")
     shutil.rmtree(fresh / rundir.RESULTS)
     os.remove(fresh / rundir.INFO)
@@ -102,8 +112,8 @@ def test_in_run_results_equal_validation_of_the_checkpoints_bitwise(runs, tmp_pa
             assert same(measured[key][measured["epochs"].index(e)], info[key][e - 1]), (key, e)
 
 
-def test_validation_reuses_in_run_results_and_keeps_epochs_without_checkpoints(runs, tmp_path, capsys):
-    run = shutil.copytree(runs["ref"], tmp_path / "run")
+def test_validation_reuses_in_run_results_and_keeps_epochs_without_checkpoints(ref, tmp_path, capsys):
+    run = shutil.copytree(ref, tmp_path / "run")
     info = load_pickle(run / rundir.INFO)
     capsys.readouterr()
     validate_NC.main(["--load_path", str(run), "--device", "cpu"])
@@ -164,9 +174,9 @@ def test_bad_nc_every_and_save_every_are_refused(tmp_path, capsys, flags, needle
     assert not os.path.exists(tmp_path / "bad")
 
 
-def test_validation_with_another_batch_size_keeps_every_epoch(runs, tmp_path, capsys):
+def test_validation_with_another_batch_size_keeps_every_epoch(ref, tmp_path, capsys):
     """The batch size changes how sums round, not what is measured: the recorded results stand."""
-    run = shutil.copytree(runs["ref"], tmp_path / "run")
+    run = shutil.copytree(ref, tmp_path / "run")
     capsys.readouterr()
     validate_NC.main(["--load_path", str(run), "--device", "cpu", "--batch_size", "64"])
     assert "validated 5 epochs (0 computed, 5 reused, 0 skipped)" in capsys.readouterr().out
