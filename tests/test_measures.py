@@ -306,6 +306,7 @@ def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
         pickle.dump(info, f)
 
 
+@pytest.mark.slow
 def test_plot_runs_draws_any_scalar_key_and_the_layers(tmp_path, capsys):
     import plot_runs
     write_info(str(tmp_path / "a"))
