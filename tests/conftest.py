@@ -3,7 +3,9 @@ import os
 import pickle
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -89,3 +91,18 @@ def refused(capsys, main, *args):
 def load_pickle(path):
     with open(path, "rb") as f:
         return pickle.load(f)
+
+
+def same(a, b):
+    """Bitwise equality (of info dicts, checkpoints, resume states) of nested containers of tensors, arrays and plain values (nan equals nan)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a != a:
+        return isinstance(b, float) and b != b
+    return type(a) is type(b) and a == b

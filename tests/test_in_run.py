@@ -14,7 +14,7 @@ import plot_runs
 import rundir
 import train_1st_order
 import validate_NC
-from conftest import REPO, load_pickle, refused
+from conftest import REPO, load_pickle, refused, same
 
 EPOCHS = 5
 # Checkpoints of epochs 2, 4 and 5 (the last); NC measured after every epoch.
@@ -37,15 +37,6 @@ def argv(save_dir, uid, *extra):
     return RUN + ["--save_dir", str(save_dir), "--uid", uid] + [str(e) for e in extra]
 
 
-def same(a, b):
-    """Bitwise equality of info dicts (numpy arrays by their bytes)."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if hasattr(a, "tobytes"):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    return type(a) is type(b) and a == b
 
 
 def metrics_without_times(run_dir):

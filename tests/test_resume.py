@@ -13,7 +13,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,7 @@ import train_1st_order
 import train_2nd_order
 import utils
 import validate_NC
-from conftest import REPO, load_pickle, refused
+from conftest import REPO, load_pickle, refused, same
 
 pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
 
@@ -171,19 +170,6 @@ def temporary_files(run_dir):
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".tmp_*"))
 
 
-def same(a, b):
-    """Bitwise equality of nested containers of tensors, arrays and plain values (nan equals nan)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and a != a:
-        return isinstance(b, float) and b != b
-    return type(a) is type(b) and a == b
 
 
 def assert_bitwise_equal_runs(run_dir, reference, epochs=EPOCHS):

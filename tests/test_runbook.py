@@ -12,7 +12,7 @@ import fake_data
 import harness
 import rundir
 import runs
-from conftest import load_pickle, refused
+from conftest import load_pickle, refused, same
 
 pytestmark = pytest.mark.slow  # trains real runs in processes of their own
 
@@ -33,14 +33,6 @@ def infos(root):
     return {uid: load_pickle(os.path.join(root, uid, rundir.INFO)) for uid in runs.figure_runs("etf").values()}
 
 
-def same(a, b):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if hasattr(a, "tobytes"):
-        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    return a == b
 
 
 def test_two_runs_at_a_time_give_the_same_results_as_one(tiny_runbook, tmp_path, capsys):
