@@ -58,14 +58,20 @@ def test_validation_agrees_with_metrics_of_the_features_computed_directly(run_co
     model.load_state_dict(torch.load(os.path.join(run_copy, "epoch_003.pth")))
     model.eval()
     loader, _ = datasets.make_loaders(data, 1000, torch.device("cpu"), "device", train=False)
-    with torch.no_grad():
-        x, y = next(iter(loader))
-        logits, h = model(x)
+    x, y = next(iter(loader))
+    # Validation runs the network with BatchNorm folded in: its metrics are exactly those of its features...
+    logits, h = validate_NC.EvalForward(model)(x)
     direct = nc.nc_metrics(h, y, model.fc.weight, model.fc.bias)
     assert info["collapse_metric"][-1] == pytest.approx(direct["NC1"], rel=1e-9)
     assert info["ETF_metric"][-1] == pytest.approx(direct["NC2"], rel=1e-9)
     assert info["WH_relation_metric"][-1] == pytest.approx(direct["NC3"], rel=1e-9)
     assert info["Wh_b_relation_metric"][-1] == pytest.approx(direct["NC4"], rel=1e-9)
+    # ...and within float32 rounding of the unfolded network's
+    with torch.no_grad():
+        _, h_plain = model(x)
+    plain = nc.nc_metrics(h_plain, y, model.fc.weight, model.fc.bias)
+    for key in ("NC1", "NC2", "NC3", "NC4"):
+        assert direct[key] == pytest.approx(plain[key], rel=1e-5)
     assert info["train_acc1"][-1] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
 
 

@@ -1,0 +1,96 @@
+"""BatchNorm folded into the preceding layer (models/fold.py) and validation's forward pass (EvalForward)."""
+import pytest
+import torch
+from torch import nn
+
+import models
+import validate_NC
+from models.fold import fold_batchnorm
+
+
+def trained_statistics(model, seed=0):
+    """Give every BatchNorm running statistics and affine parameters far from their initial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 3 + 0.1)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=g))
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+NETWORKS = {
+    "resnet18 SOTA": lambda: models.resnet18(SOTA=True),
+    "resnet18 plain": lambda: models.resnet18(),
+    "resnet50 (bottleneck)": lambda: models.resnet50(num_classes=4),
+    "resnet18 fixdim ETF": lambda: models.resnet18(fixdim=10, ETF_fc=True, SOTA=True),
+    "ResNet18_adapt": lambda: models.ResNet18_adapt(width=4),
+    "MLP": lambda: models.MLP(hidden=16, depth=3),
+}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_the_folded_network_computes_the_same_function_without_batchnorm(name):
+    torch.manual_seed(0)
+    model = trained_statistics(NETWORKS[name]())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert batchnorms(folded) == [] and batchnorms(model) != []
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        (z, h), (z_f, h_f) = model(x), folded(x)
+    scale = h.abs().max()
+    assert (h_f - h).abs().max() <= 1e-5 * scale  # float32 rounding, through every layer
+    assert (z_f - z).abs().max() <= 1e-5 * z.abs().max()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
+    assert [n for n, _ in folded.named_children()] == [n for n, _ in model.named_children()]
+
+
+def test_a_batchnorm_without_affine_parameters_folds_and_one_without_running_statistics_is_kept():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False), nn.ReLU(),
+                        nn.Linear(6, 6), nn.BatchNorm1d(6, track_running_stats=False))
+    trained_statistics(net)
+    folded = fold_batchnorm(net)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[4], nn.BatchNorm1d)
+    x = torch.randn(8, 5)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_hooks_see_the_same_features_in_the_folded_network():
+    torch.manual_seed(0)
+    model = trained_statistics(models.MLP(hidden=16, depth=3))
+    x = torch.randn(6, 3, 32, 32)
+    forward = validate_NC.EvalForward(model)
+    names = validate_NC.select_layers(forward.module, [])
+    with torch.no_grad(), validate_NC.LayerHooks(model, names) as plain, \
+            validate_NC.LayerHooks(forward.module, names) as folded:
+        model(x)
+        forward(x)
+    for name in names:
+        assert torch.allclose(folded.features[name], plain.features[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_eval_forward_replays_a_cuda_graph_with_the_eager_numbers():
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = trained_statistics(models.resnet18(SOTA=True)).to(device).to(memory_format=torch.channels_last)
+    forward = validate_NC.EvalForward(model)
+    eager = fold_batchnorm(model)
+    batches = [torch.randn(32, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+               for _ in range(3)] + [torch.randn(7, 3, 32, 32, device=device)]  # a smaller last batch runs eagerly
+    for x in batches:
+        z, h = forward(x)
+        with torch.no_grad():
+            z_e, h_e = eager(x)
+        assert torch.allclose(h, h_e, rtol=1e-5, atol=1e-6) and torch.allclose(z, z_e, rtol=1e-5, atol=1e-6)
+    assert forward.graph is not None
