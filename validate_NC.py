@@ -248,6 +248,13 @@ class TrainingSetMetrics:
                       "nuclear_ratio": nc.nuclear_ratio(self.H, self.y, self.K)}
         return {nc.INFO_KEYS[k]: to_numpy(v) if torch.is_tensor(v) else v for k, v in quantities.items()}
 
+    def entries(self, W, b, measures=()):
+        """Every training-set entry of info.pkl: the paper's, and those --measures and --layers add."""
+        out = self.result(W, b)
+        if measures or self.layers:
+            out.update(self.more_result(W, measures))
+        return out
+
     def more_result(self, W, measures):
         """The entries of info.pkl that --measures and --layers add (the training set's; ncc_test is
         the test pass's)."""
@@ -339,12 +346,7 @@ def training_pass(model, loader, num_classes, measures=(), layers=(), forward=No
 
 def training_set_metrics(model, loader, num_classes, measures=(), layers=()):
     """The training-set entries of info.pkl, from one forward pass over `loader` (model in eval mode)."""
-    train = training_pass(model, loader, num_classes, measures, layers)
-    W, b = last_layer(model)
-    result = train.result(W, b)
-    if measures or layers:
-        result.update(train.more_result(W, measures))
-    return result
+    return training_pass(model, loader, num_classes, measures, layers).entries(*last_layer(model), measures)
 
 
 @torch.no_grad()
@@ -355,10 +357,7 @@ def evaluate(model, train_loader, test_loader, num_classes, measures=(), layers=
     device = model.fc.weight.device
     forward = EvalForward(model, graph=not layers)
     train_pass = training_pass(model, train_loader, num_classes, measures, layers, forward)
-    W, b = last_layer(model)
-    train = train_pass.result(W, b)
-    if measures or layers:
-        train.update(train_pass.more_result(W, measures))
+    train = train_pass.entries(*last_layer(model), measures)
     # The test set's NCC agreement is measured against the training class means, known by now.
     train_means = nc.mu_c(train_pass.stats) if "ncc" in measures else None
     ncc_hits = torch.zeros((), dtype=torch.float64, device=device)
