@@ -151,9 +151,15 @@ def train_parser(default_optimizer="SGD", description=None):
     g = p.add_argument_group("speed (fp32 without compilation is the faithful default)")
     g.add_argument("--amp", default="none", choices=AMP, help="bf16 autocast for forward and loss")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--cuda_graph", action="store_true",
-                   help="replay each training step as one CUDA graph (same numbers, far fewer kernel launches; "
-                        "first-order optimizers on a GPU)")
+    # One destination, three values: None (auto, the default: a graph on a CUDA device where one can be
+    # captured, else eager with a note why), True (asked: refused where it cannot be), False (never).
+    graph = g.add_mutually_exclusive_group()
+    graph.add_argument("--cuda_graph", dest="cuda_graph", action="store_const", const=True, default=None,
+                       help="insist on CUDA graphs: refused where one cannot be used (the default already uses "
+                            "them on a CUDA device where it can: each first-order step, or LBFGS's loss and "
+                            "gradient evaluation, replayed as one graph; same numbers, far fewer kernel launches)")
+    graph.add_argument("--no_cuda_graph", dest="cuda_graph", action="store_const", const=False,
+                       help="eager steps even on a GPU (each kernel launched from Python)")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="cuDNN as the authors set it (deterministic algorithms, no autotuning, NCHW layout): "
                         "runs that repeat bit for bit on a GPU, somewhat slower; --no-deterministic on --resume "

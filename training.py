@@ -35,6 +35,10 @@ LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the dev
 # Options that may differ from the recorded ones when resuming, because they do not change the
 # numbers (--deterministic and --cuda_graph change at most the last bits of GPU sums). --save_dir,
 # --uid and --data_dir only say where things are (a run or its data may have moved).
+# A plain --resume keeps the recorded --cuda_graph. Runs from before the auto default recorded
+# `false` for "not asked", which now reads as --no_cuda_graph: such a run goes on eagerly, as it was
+# trained. That is the safe reading, because a new run's `false` (--no_cuda_graph) looks the same
+# and must stay eager; `--resume --cuda_graph` speeds an old run up.
 RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
                      "deterministic", "nc_every", "save_every"}
 NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
@@ -77,39 +81,125 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device, hi
     return {"loss": loss, "acc1": 100 * top1, "acc5": 100 * top5}
 
 
+# ---------------------------------------------------------------------------- CUDA graphs
+
+WARMUP = 2  # eager steps before the first capture: they create optimiser state and tune cuDNN
+
+
+def build_step(args, make_step, device, distributed=False):
+    """(step, note): the step `make_step(args)` to train with, replayed as a CUDA graph or not, and
+    a one-line note for stdout and the run's log when the default trains eagerly on a CUDA device
+    (None otherwise). The one place that decides: --no_cuda_graph (False) never graphs; --cuda_graph
+    (True) insists, and is refused where a graph cannot be used; the default (None) graphs where one
+    can be used, and on the CPU, which has no graphs, trains eagerly without a word.
+
+    A step that is not captured whole (LBFGS: its line search decides on the host) provides its own
+    graphed form as `step.graphed()`; any other step is captured whole by CUDAGraphStep."""
+    step = make_step(args)
+    if args.cuda_graph is False:
+        return step, None
+    if device.type != "cuda":
+        if args.cuda_graph:
+            raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag "
+                            "(or, resuming a run that recorded it, add --no_cuda_graph)")
+        return step, None
+    if distributed:  # --cuda_graph itself is refused before this, by check_torchrun
+        return step, "note: eager steps, no CUDA graph: under torchrun DDP's gradient all-reduce is not captured"
+    graphed = getattr(step, "graphed", None)
+    return (graphed() if graphed is not None else CUDAGraphStep(step)), None
+
+
+def on_side_stream(fn, *args):
+    """fn(*args) run eagerly on a side stream, ordered after and before the current stream's work, as
+    the warm-up before a capture should be (lazily created state then belongs to no capture)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    current.wait_stream(side)
+    return out
+
+
+class Captured:
+    """fn(*inputs) recorded once as a CUDA graph on static copies of `inputs`. load() copies new
+    inputs into them, replay() runs the recorded kernels and returns fn's outputs, which live in
+    the graph's memory: the next replay overwrites them."""
+
+    def __init__(self, fn, inputs):
+        self.inputs = [t.clone() for t in inputs]
+        self.graph = torch.cuda.CUDAGraph()
+        # Records; nothing runs until replay(). Thread-local: a DataLoader's pin-memory thread may
+        # allocate pinned memory meanwhile, which the global mode would count as breaking the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn(*self.inputs)
+
+    def load(self, *inputs):
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+
+    def replay(self):
+        self.graph.replay()
+        return self.outputs
+
+
+def make_capturable(optimizer):
+    """Adam's step() refuses to be captured unless its groups say `capturable`, which needs each
+    step counter on its parameter's device. The counters of a fused Adam are there already, and the
+    fused kernel ignores the flag: the numbers stay the same. (A run started eagerly, or resumed
+    from one, has the flag off in its saved state.)"""
+    for group in optimizer.param_groups:
+        if "capturable" not in group or group["capturable"]:
+            continue
+        group["capturable"] = True
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 class CUDAGraphStep:
     """A first-order step (forward, loss, backward, optimiser step) replayed as one CUDA graph.
 
     Eager PyTorch launches some hundreds of small kernels per ResNet step, and at batch 128 a
     fast GPU waits on those launches; a graph launches them all at once. The kernels are the same,
-    so the numbers are too. Batches of another size (the last of an epoch) run eagerly. The
-    optimiser's learning rate is baked into the graph, so it is captured again when the rate changes.
-    """
-
-    WARMUP = 2  # eager steps before capture: they create momentum buffers and tune cuDNN
+    so the numbers are too. The graph has the shape of the first batch; batches of another size
+    (the last of an epoch) run eagerly. The learning rate is baked into a first-order step's graph,
+    so it is captured again when the rate changes. Subclasses (the LBFGS step) change what is
+    captured (capture) and how a step uses it (run)."""
 
     def __init__(self, step):
-        self.step, self.graph, self.key, self.eager_steps = step, None, None, 0
+        self.step, self.captured, self.shape, self.warm, self.baked = step, None, None, 0, None
 
     def __call__(self, optimizer, objective, x, y):
-        key = (tuple(x.shape), tuple(g["lr"] for g in optimizer.param_groups))
-        if key != self.key:
-            if self.graph is not None and x.shape != self.x.shape:  # a smaller last batch
-                return self.step(optimizer, objective, x, y)
-            self.graph, self.key, self.eager_steps = None, key, 0
-        if self.graph is None:
-            if self.eager_steps < self.WARMUP:
-                self.eager_steps += 1
-                return self.step(optimizer, objective, x, y)
-            self.x, self.y = x.clone(), y.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the step; replay() below runs it
-                self.loss, self.logits = self.step(optimizer, objective, self.x, self.y)
-        else:
-            self.x.copy_(x)
-            self.y.copy_(y)
-        self.graph.replay()
-        return self.loss, self.logits
+        if self.shape is None:
+            self.shape = x.shape
+        if x.shape != self.shape:
+            return self.step(optimizer, objective, x, y)
+        baked = self.baked_in(optimizer)
+        if baked != self.baked:
+            self.captured, self.baked = None, baked
+        with torch.cuda.device(x.device):  # streams and capture on the run's GPU (--gpu_id 1 too)
+            if self.captured is None:
+                if self.warm < WARMUP:
+                    self.warm += 1
+                    return on_side_stream(self.step, optimizer, objective, x, y)
+                self.captured = self.capture(optimizer, objective, x, y)
+            else:
+                self.captured.load(x, y)
+            return self.run(optimizer)
+
+    def baked_in(self, optimizer):
+        """What the graph holds as constants; when it changes, the step is captured again."""
+        return tuple(group["lr"] for group in optimizer.param_groups)
+
+    def capture(self, optimizer, objective, x, y):
+        make_capturable(optimizer)
+        return Captured(lambda x, y: self.step(optimizer, objective, x, y), (x, y))
+
+    def run(self, optimizer):
+        """One training step on the batch just loaded: (loss, logits)."""
+        return self.captured.replay()
 
 
 def make_objective(args, model, criterion, net=None):
@@ -186,17 +276,11 @@ def main(args, make_step, optimizers, given=()):
         return main_torchrun(args, make_step, optimizers, given)
     args = checked(args, optimizers, given)
     device = get_device(args.gpu_id, args.device)
-    step = make_step(args)
-    if args.cuda_graph:
-        if args.optimizer == "LBFGS":
-            raise UserError("--cuda_graph needs a first-order optimizer: LBFGS's line search decides on the host")
-        if device.type != "cuda":
-            raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
-        step = CUDAGraphStep(step)
+    step, note = build_step(args, make_step, device)
     run_dir = os.path.join(args.save_dir, args.uid)
     with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
         args = check_run_dir(args, dict(given))  # again, now that no other process can change the answer
-        return train(args, step, device, run_dir)
+        return train(args, step, device, run_dir, note)
 
 
 def checked(args, optimizers, given):
@@ -261,7 +345,9 @@ def main_torchrun(args, make_step, optimizers, given):
             if isinstance(verdict, str):
                 raise RefusedOnRankZero(verdict)
             args = verdict
-            return train(args, make_step(args), rank_device(args.device), os.path.join(args.save_dir, args.uid))
+            device = rank_device(args.device)
+            step, note = build_step(args, make_step, device, distributed=True)
+            return train(args, step, device, os.path.join(args.save_dir, args.uid), note)
     finally:
         end_distributed()
 
@@ -302,7 +388,8 @@ def _global_batchnorm(bn, x):
     return out * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else out
 
 
-def train(args, step, device, run_dir):
+def train(args, step, device, run_dir, note=None):
+    """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log."""
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     model, channels_last = models.build_on_device(args, data.num_classes, device)
@@ -356,6 +443,9 @@ def train(args, step, device, run_dir):
            if distributed else ""))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if writer else (lambda *a, **k: None)
+    if note is not None:
+        log(note)
+        say(note)
     say(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
           f"{data.num_classes} classes), {n_params:,} trainable parameters, {args.optimizer}, {device}")
     measurement, results = None, {}
