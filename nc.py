@@ -428,8 +428,9 @@ def cos_margins(H, y, W, b, mu_G, chunk=8192):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=H.device)
 
 
-# Float64 elements of the per-class features (and their Grams) that nuclear_ratio holds at once.
-NUCLEAR_BATCH_ELEMENTS = 1 << 22
+# Float64 elements of the per-class features (and their Grams) that nuclear_ratio holds at once: batches
+# pay off for many small classes; for large ones, larger batches only cost fresh memory (8 MB here).
+NUCLEAR_BATCH_ELEMENTS = 1 << 20
 
 
 def nuclear_ratio(H, y, num_classes):
