@@ -75,8 +75,8 @@ class NCStats:
         self.sq = torch.zeros(num_classes, dtype=torch.float64, device=device)  # (K,) sum_{i in k} ||h_i - mu_k||^2
 
     def update(self, h, y):
-        """Add a batch of features h (B, d) with labels y (B,). No host sync: its work is O(B d^2 + K d),
-        whatever the number of classes, and its shapes do not depend on the labels' values."""
+        """Add a batch of features h (B, d) with labels y (B,). O(B d^2 + K d) work, so many classes cost
+        little more than few; no host sync, as no shape depends on the labels' values."""
         h = h.detach().to(torch.float64)  # (B, d)
         n_b = torch.zeros_like(self.n).index_add_(0, y, torch.ones_like(h[:, 0]))  # (K,)
         sum_b = torch.zeros_like(self.sum).index_add_(0, y, h)  # (K, d)
