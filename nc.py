@@ -75,26 +75,30 @@ class NCStats:
         self.sq = torch.zeros(num_classes, dtype=torch.float64, device=device)  # (K,) sum_{i in k} ||h_i - mu_k||^2
 
     def update(self, h, y):
+        """Add a batch of features h (B, d) with labels y (B,). O(B d^2 + K d) work, so many classes cost
+        little more than few; no host sync, as no shape depends on the labels' values."""
         h = h.detach().to(torch.float64)  # (B, d)
-        onehot = F.one_hot(y, self.K).to(torch.float64)  # (B, K)
-        n_b = onehot.sum(0)  # (K,)
-        sum_b = onehot.T @ h  # (K, d)
+        n_b = torch.zeros_like(self.n).index_add_(0, y, torch.ones_like(h[:, 0]))  # (K,)
+        sum_b = torch.zeros_like(self.sum).index_add_(0, y, h)  # (K, d)
         mean_b = sum_b / n_b.clamp(min=1)[:, None]  # (K, d)
         centred = h - mean_b[y]  # (B, d)
-        # Merging groups a and b adds, per class, n_a n_b / (n_a + n_b) (mean_b - mean_a)(mean_b - mean_a)^T.
-        delta = mean_b - self.sum / self.n.clamp(min=1)[:, None]  # (K, d)
-        weight = self.n * n_b / (self.n + n_b).clamp(min=1)  # (K,); 0 for a class new or absent
+        # Merging groups a and b adds, per class, n_a n_b / (n_a + n_b) (mean_b - mean_a)(mean_b - mean_a)^T,
+        # which is 0 for a class absent from the batch: only the batch's classes (at most B) are merged.
+        # The min(K, B) largest batch counts include every class present, without a data-dependent size.
+        present = torch.topk(n_b, min(self.K, len(y)), sorted=False).indices.sort().values  # (m,)
+        delta, weight = _merge_terms(self.n[present], self.sum[present], n_b[present], sum_b[present])
         self.scatter += centred.T @ centred + (delta.T * weight) @ delta
         # The traces of the per-class scatters, merged the same way (B d operations, against B d^2 above).
-        self.sq += onehot.T @ (centred * centred).sum(1) + weight * (delta * delta).sum(1)
+        self.sq.index_add_(0, y, (centred * centred).sum(1))
+        self.sq.index_add_(0, present, weight * (delta * delta).sum(1))
         self.n += n_b
         self.sum += sum_b
 
     def merge(self, other):
         """Add another NCStats's samples (the same pairwise update, with `other` as the new group)."""
-        delta = other.sum / other.n.clamp(min=1)[:, None] - self.sum / self.n.clamp(min=1)[:, None]
-        weight = self.n * other.n / (self.n + other.n).clamp(min=1)
+        delta, weight = _merge_terms(self.n, self.sum, other.n, other.sum)
         self.scatter += other.scatter + (delta.T * weight) @ delta
+        self.sq += other.sq + weight * (delta * delta).sum(1)
         self.n += other.n
         self.sum += other.sum
 
@@ -102,9 +106,9 @@ class NCStats:
         """The statistics of every rank's samples, on every rank. Scatters about per-rank means
         cannot simply be summed, so each rank's (n, sum, scatter) is gathered and merged in rank order."""
         merged = None
-        for part in zip(*(_all_gather(t) for t in (self.n, self.sum, self.scatter))):
+        for part in zip(*(_all_gather(t) for t in (self.n, self.sum, self.scatter, self.sq))):
             stats = NCStats(self.K, self.sum.shape[1], self.sum.device)
-            stats.n, stats.sum, stats.scatter = (t.clone() for t in part)
+            stats.n, stats.sum, stats.scatter, stats.sq = (t.clone() for t in part)
             if merged is None:
                 merged = stats
             else:
@@ -119,6 +123,13 @@ class NCStats:
         empty = torch.nonzero(self.n == 0).flatten().tolist()
         if empty:
             raise ValueError(f"classes {empty} have no samples: class means (and NC1-NC4) are undefined")
+
+
+def _merge_terms(n_a, sum_a, n_b, sum_b):
+    """(delta (m, d), weight (m,)) of Chan et al.'s merge of groups a and b of m classes, counts (m,) and
+    sums (m, d): mean_b - mean_a, and n_a n_b / (n_a + n_b), 0 where either group is empty."""
+    delta = sum_b / n_b.clamp(min=1)[:, None] - sum_a / n_a.clamp(min=1)[:, None]
+    return delta, n_a * n_b / (n_a + n_b).clamp(min=1)
 
 
 def _all_gather(t):
@@ -398,30 +409,63 @@ def layer_measures(H, y, num_classes, pred=None, chunk=8192):
 
 def cos_margins(H, y, W, b, mu_G, chunk=8192):
     """Cosine margin of each sample (N,), as the authors define it:
-    cos_j = (z_j - b_j) / (||h_i - mu_G|| ||Wc_j||), margin = cos_y - max_{j != y} cos_j."""
+    cos_j = (z_j - b_j) / (||h_i - mu_G|| ||Wc_j||), margin = cos_y - max_{j != y} cos_j.
+
+    In float64. ||h_i - mu_G|| > 0 is common to a sample's cosines, so the classes are compared by
+    (z_j - b_j) / ||Wc_j|| = h_i . (w_j / ||Wc_j||), one matmul with W's rows scaled beforehand, and only
+    the two cosines kept are divided by it: no other pass over the (chunk, K) matrix but its max.
+    """
     W = W.to(torch.float64)
-    row_norms = torch.linalg.norm(centred_rows(W), dim=1)  # (K,)
+    W_scaled = W / torch.linalg.norm(centred_rows(W), dim=1, keepdim=True)  # (K, d) w_j / ||Wc_j||
     out = []
     for start in range(0, len(y), chunk):  # float64 copies of H stay a chunk at a time
-        h, t = H[start:start + chunk].to(torch.float64), y[start:start + chunk]
-        cos = (h @ W.T) / (torch.linalg.norm(h - mu_G, dim=1, keepdim=True) * row_norms)  # (n, K); z - b = W h
-        true = cos.gather(1, t[:, None]).squeeze(1)
-        out.append(true - cos.scatter(1, t[:, None], -math.inf).amax(1))
-    return torch.cat(out)
+        h, t = H[start:start + chunk].to(torch.float64), y[start:start + chunk]  # (n, d), (n,)
+        scores = h @ W_scaled.T  # (n, K) z - b = W h, over ||Wc_j||
+        true = scores.gather(1, t[:, None]).squeeze(1)  # (n,)
+        runner_up = scores.scatter_(1, t[:, None], -math.inf).amax(1)  # (n,)
+        h_norms = torch.linalg.norm(h - mu_G, dim=1)  # (n,)
+        out.append(true / h_norms - runner_up / h_norms)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=H.device)
+
+
+# Float64 elements of the per-class features (and their Grams) that nuclear_ratio holds at once: batches
+# pay off for many small classes; for large ones, larger batches only cost fresh memory (8 MB here).
+NUCLEAR_BATCH_ELEMENTS = 1 << 20
 
 
 def nuclear_ratio(H, y, num_classes):
     """Mean over classes of ||H_k||_* / ||H_k||_F, H_k the (n_k, d) features of class k.
 
-    Singular values come from the eigenvalues of the smaller Gram matrix of each class.
+    Singular values come from the eigenvalues of the smaller Gram matrix of each class, H_k H_k^T
+    (n_k x n_k) or H_k^T H_k (d x d), in float64. Classes whose Grams have the same size are solved in
+    one batched call: all classes with n_k >= d together (their rows padded with zero rows, which add
+    exactly nothing to H_k^T H_k), the others by equal n_k (nothing padded: a zero-padded Gram's
+    eigenvalues would come out at rounding level, and their square roots are not negligible).
     """
-    ratios = []
-    for k in range(num_classes):
-        Hk = H[y == k].to(torch.float64)  # (n_k, d)
-        gram = Hk @ Hk.T if Hk.shape[0] <= Hk.shape[1] else Hk.T @ Hk
-        sv = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
-        ratios.append(sv.sum() / torch.linalg.norm(Hk))
-    return torch.stack(ratios).mean().item()
+    N, d = H.shape
+    counts = torch.bincount(y, minlength=num_classes)  # (K,)
+    starts = torch.cumsum(counts, 0) - counts  # (K,) each class's first row in `order`
+    order = torch.argsort(y, stable=True)  # (N,) rows grouped by class, in their order
+    sizes = counts.tolist()
+    groups = {}
+    for k in sorted(range(num_classes), key=lambda k: -sizes[k]):  # neighbours in a batch pad little
+        groups.setdefault(min(sizes[k], d), []).append(k)
+    ratios = torch.empty(num_classes, dtype=torch.float64, device=H.device)  # (K,)
+    for m, classes in groups.items():
+        per_batch = max(1, NUCLEAR_BATCH_ELEMENTS // max(1, sizes[classes[0]] * d + m * m))
+        for first in range(0, len(classes), per_batch):
+            part = classes[first:first + per_batch]
+            n_max, n_min = sizes[part[0]], sizes[part[-1]]
+            part = torch.tensor(part, device=H.device)  # (g,)
+            rows = torch.arange(n_max, device=H.device)  # (n_max,)
+            index = order[(starts[part, None] + rows).clamp(max=max(N - 1, 0))]  # (g, n_max)
+            X = H[index].to(torch.float64)  # (g, n_max, d)
+            if n_min < n_max:
+                X.masked_fill_((rows >= counts[part, None])[..., None], 0.0)
+            gram = X @ X.mT if n_max <= d else X.mT @ X  # (g, m, m)
+            sv = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()  # (g, m)
+            ratios[part] = sv.sum(1) / torch.linalg.norm(X, dim=(1, 2))
+    return ratios.mean().item()
 
 
 def topk_hits(logits, y, k=5):

@@ -15,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                            "--device", "cpu"]),
     ("bench/train.py", ["--width", "64", "--depth", "1", "--num_samples", "512", "--num_workers", "0",
                         "--device", "cpu"]),
+    ("bench/metrics.py", ["--num_samples", "300", "--classes", "3", "40", "--dim", "8", "--wide_dim", "16",
+                          "--wide_samples", "100", "--batch_size", "16", "--rounds", "3", "--device", "cpu"]),
 ])
 def test_bench_prints_its_ratio(script, flags):
     out = subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -178,3 +178,108 @@ def test_unconstrained_features_collapse_to_zero_when_c_is_at_least_one():
     assert K * math.sqrt(n * lam * lam) >= 1
     W, H, _ = train_ufm(K, n, d, lam, seed=2)
     assert W.norm().item() < 1e-5 and H.norm().item() < 1e-5
+
+
+# ---------------------------------------------------------------------------- the batched and sparse code paths
+
+def direct_statistics(H, y, K):
+    """n (K,), class sums (K, d), the within-class scatter (d, d) and per-class sums of squares (K,), in float64 numpy."""
+    H, y = np.asarray(H, dtype=np.float64), np.asarray(y)
+    n = np.bincount(y, minlength=K).astype(np.float64)
+    sums = np.stack([H[y == k].sum(0) for k in range(K)])
+    centred = H - (sums / np.maximum(n, 1)[:, None])[y]
+    sq = np.array([(centred[y == k] ** 2).sum() for k in range(K)])
+    return n, sums, centred.T @ centred, sq
+
+
+def sparse_labels(N=400, K=50, seed=0):
+    """Labels of K classes, most absent from a batch of 8: classes 40-49 appear only in the last quarter
+    (their first batch comes late, after many merges of the others), class 0 only in the very last sample."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(1, 40, (N,), generator=g)
+    late = torch.arange(3 * N // 4, N)
+    y[late] = torch.randint(1, K, (len(late),), generator=g)
+    y[-11:-1] = torch.arange(40, 50)  # each late class at least once
+    y[-1] = 0
+    return y
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (1e3, 1e-3)])
+def test_streamed_statistics_with_more_classes_than_the_batch(offset, spread):
+    K, d = 50, 6
+    y = sparse_labels(K=K)
+    g = torch.Generator().manual_seed(1)
+    H = offset + 3 * torch.randn(K, d, generator=g, dtype=torch.float64)[y] + spread * torch.randn(len(y), d, generator=g, dtype=torch.float64)
+    stats = nc.NCStats(K, d)
+    for chunk in torch.arange(len(y)).split(8):
+        assert len(torch.unique(y[chunk])) < K
+        stats.update(H[chunk], y[chunk])
+    n, sums, scatter, sq = direct_statistics(H, y, K)
+    np.testing.assert_array_equal(stats.n.numpy(), n)
+    np.testing.assert_allclose(stats.sum.numpy(), sums, rtol=1e-12)
+    # Relative to the scatter's own size: the pairwise update keeps the digits a large offset would take.
+    np.testing.assert_allclose(stats.scatter.numpy(), scatter, rtol=0, atol=1e-9 * np.abs(scatter).max())
+    np.testing.assert_allclose(stats.sq.numpy(), sq, rtol=1e-9, atol=1e-9 * sq.max())
+
+
+def test_merged_statistics_carry_the_per_class_sums_of_squares():
+    K, d = 50, 5
+    y = sparse_labels(N=300, K=K, seed=2)
+    H = torch.randn(len(y), d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + y[:, None]
+    merged = None
+    for block in torch.arange(len(y)).tensor_split(3):
+        part = nc.NCStats(K, d)
+        part.update(H[block], y[block])
+        merged = part if merged is None else (merged.merge(part) or merged)
+    n, sums, scatter, sq = direct_statistics(H, y, K)
+    np.testing.assert_allclose(merged.scatter.numpy(), scatter, rtol=0, atol=1e-10 * np.abs(scatter).max())
+    np.testing.assert_allclose(merged.sq.numpy(), sq, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_elements", [nc.NUCLEAR_BATCH_ELEMENTS, 40])
+def test_nuclear_ratio_equals_numpy_for_any_class_sizes(monkeypatch, batch_elements):
+    # d = 6: classes with n_k < d (Grams n_k x n_k, grouped by n_k), n_k = d and n_k > d (Grams d x d, padded
+    # rows); a tiny batch budget splits the groups and leaves one class per batch.
+    monkeypatch.setattr(nc, "NUCLEAR_BATCH_ELEMENTS", batch_elements)
+    sizes = [2, 3, 3, 1, 6, 9, 14, 9, 2]
+    K, d = len(sizes), 6
+    y = torch.arange(K).repeat_interleave(torch.tensor(sizes))
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    H = 2 + torch.randn(len(y), d, generator=torch.Generator().manual_seed(1))  # float32, as validate_NC.py keeps it
+    Hn, yn = H.double().numpy(), y.numpy()
+    expected = np.mean([np.linalg.norm(Hn[yn == k], "nuc") / np.linalg.norm(Hn[yn == k]) for k in range(K)])
+    assert nc.nuclear_ratio(H, y, K) == pytest.approx(expected, rel=1e-10)
+
+
+def test_nuclear_ratio_of_a_class_without_samples_is_nan():
+    y = torch.tensor([0, 0, 2, 2, 2])
+    assert math.isnan(nc.nuclear_ratio(torch.randn(5, 3), y, 3))
+
+
+def test_cos_margins_equal_the_direct_float64_formula():
+    K, d, N = 30, 16, 500
+    H, y, W, b = random_problem(K=K, d=d, N=N, seed=9)
+    H = H.relu()  # non-negative features, a large global mean, as after a ReLU
+    Hn, Wn = H.double().numpy(), W.double().numpy()
+    mu_G = Hn.mean(0)
+    cos = (Hn @ Wn.T) / (np.linalg.norm(Hn - mu_G, axis=1, keepdims=True) * np.linalg.norm(Wn - Wn.mean(0), axis=1))
+    expected = np.array([c[t] - np.max(np.delete(c, t)) for c, t in zip(cos, y.numpy())])
+    margins = nc.cos_margins(H, y, W.double(), b.double(), torch.from_numpy(mu_G), chunk=64)
+    assert margins.dtype == torch.float64
+    np.testing.assert_allclose(margins.numpy(), expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_update_does_not_sync_the_gpu():
+    K, d = 50, 8
+    y = sparse_labels(K=K).cuda()
+    H = torch.randn(len(y), d, device="cuda")
+    stats = nc.NCStats(K, d, "cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for chunk in torch.arange(len(y), device="cuda").split(8):
+            stats.update(H[chunk], y[chunk])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    n, sums, scatter, sq = direct_statistics(H.cpu(), y.cpu(), K)
+    np.testing.assert_allclose(stats.scatter.cpu().numpy(), scatter, rtol=0, atol=1e-9 * np.abs(scatter).max())
