@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import UserError, save_pickle
+from utils import UserError, atomic_write, save_pickle
 
 MNIST_STATS = ((0.1307,) * 3, (0.3081,) * 3)
 MNIST_CLASSES = 10
@@ -122,12 +121,13 @@ MNIST_CACHE = os.path.join("MNIST", "mnist" + CACHE_SUFFIX)  # under --data_dir,
 CACHED_SPLITS = ("train", "test")
 
 
-def _source_key(paths, contents=None):
-    """The cache key of these source files: format version, then each file's name, size, mtime_ns and
-    sha256 (of `contents`, the bytes already read, when given; hashing is cheap next to resizing)."""
-    parts = [f"format {PREPROCESSED_FORMAT}"]
+def _source_key(paths, contents=None, how=""):
+    """The cache key of these source files: format version, `how` they are split, then each file's name,
+    size, mtime_ns and sha256 (of `contents`, the bytes already read, when given; hashing is cheap next
+    to resizing)."""
+    parts = [f"format {PREPROCESSED_FORMAT}{how}"]
     for i, path in enumerate(paths):
-        st = os.stat(path)  # before the read: a change during it makes the next key differ, not match
+        st = os.stat(path)  # a change while the sources are read makes the next key differ, never match
         digest = hashlib.sha256()
         if contents is not None:
             digest.update(contents[i])
@@ -159,27 +159,13 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, arrays):
-    """Write atomically: a temporary file in the same folder, then os.replace, so readers (and other
-    writers) see the old file or the whole new one. Where the folder is not writable, note it and go on."""
-    folder, tmp = os.path.dirname(path), None
+    """Written atomically (utils.atomic_write), so readers and other writers see the old file or the whole
+    new one. Where the folder is not writable, say so in one line and go on without the cache."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from the other users of a data dir
-            np.savez(f, key=np.array(key), **arrays)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda f: np.savez(f, key=np.array(key), **arrays))
     except OSError as e:
-        print(f"note: cannot cache preprocessed MNIST in {folder} ({_short(e)}); it is recomputed at each start",
-              file=sys.stderr)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        print(f"note: cannot cache preprocessed MNIST in {os.path.dirname(path)} ({_short(e)}); "
+              f"it is recomputed at each start", file=sys.stderr)
 
 
 def _accepted(arrays, num_classes):
@@ -222,13 +208,18 @@ def _mnist_sample_split(labels):
     return rank < MNIST_SAMPLE_TRAIN_PER_CLASS
 
 
+def _mnist_sample_key(path, contents=None):
+    return _source_key([path], None if contents is None else [contents],
+                       how=f", {MNIST_SAMPLE_TRAIN_PER_CLASS} training images per class")
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist_sample_32x32x3(path, size, mtime_ns):
     """The shipped sample's splits, from the cache beside it, else resized (once per process, and again
     should the file change) and cached there."""
     with open(path, "rb") as f:
         contents = f.read()
-    key = _source_key([path], [contents])
+    key = _mnist_sample_key(path, contents)
     cache = os.path.splitext(path)[0] + CACHE_SUFFIX
     arrays = _read_cache(cache, key)
     if arrays is None:
