@@ -442,7 +442,7 @@ def random_crop_flip(x, padding, generator):
 
 NORMALISED_CPU_CAP = 1 << 30  # bytes: a split normalised once in host memory, at most (CIFAR-10's training set is 0.6 GB)
 NORMALISED_SHARE_OF_FREE = 0.25  # on CUDA, of the free memory: the model and its activations need the rest
-NORMALISE_CHUNK = 4096  # images normalised at a time when a whole split is, to bound the temporaries
+NORMALISE_CHUNK_BYTES = 1 << 21  # of float32 temporaries at a time when a whole split is normalised: in cache
 
 
 class DeviceLoader:
@@ -501,9 +501,10 @@ class DeviceLoader:
         with torch.inference_mode(False):  # an inference tensor could not be trained on later
             out = torch.empty(self.images.shape if self.channels_last else self.images.permute(0, 3, 1, 2).shape,
                               dtype=torch.float32, device=self.images.device)  # rows laid out as batches are
-            for start in range(0, self.num_samples, NORMALISE_CHUNK):
-                x = self.normalize(self.images[start:start + NORMALISE_CHUNK])
-                out[start:start + NORMALISE_CHUNK] = x.permute(0, 2, 3, 1) if self.channels_last else x
+            chunk = max(1, NORMALISE_CHUNK_BYTES // (4 * self.images[0].numel()))  # images
+            for start in range(0, self.num_samples, chunk):
+                x = self.normalize(self.images[start:start + chunk])
+                out[start:start + chunk] = x.permute(0, 2, 3, 1) if self.channels_last else x
         return out
 
     def _rows(self, idx):
