@@ -2,7 +2,8 @@
 
 torchvision is imported where it is used (reading MNIST/CIFAR-10 files, the DataLoader path): it
 takes seconds to import, and neither the device path nor the scripts that only read run
-directories need it.
+directories need it. MNIST, resized to 32x32x3, is cached beside its files (see _read_cache), so
+a start with the cache warm imports no torchvision at all.
 
 - `DeviceLoader` (fast path): the whole split lives on the training device as uint8; shuffling is
   `randperm` on the device, crop/flip augmentation and normalisation are batched tensor ops.
@@ -234,7 +235,8 @@ def _mnist_sample_32x32x3(path, size, mtime_ns):
 
 def load_mnist_sample(_root=None):
     st = os.stat(MNIST_SAMPLE)
-    return tuple(a.copy() for a in _mnist_sample_32x32x3(MNIST_SAMPLE, st.st_size, st.st_mtime_ns))  # the memo stays as it was
+    splits = _mnist_sample_32x32x3(MNIST_SAMPLE, st.st_size, st.st_mtime_ns)
+    return tuple(a.copy() for a in splits)  # copies: the memo stays as it was
 
 
 def load_cifar10(root):
@@ -440,7 +442,7 @@ def random_crop_flip(x, padding, generator):
     return padded[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-NORMALISED_CPU_CAP = 1 << 30  # bytes: a split normalised once in host memory, at most (CIFAR-10's training set is 0.6 GB)
+NORMALISED_CPU_CAP = 1 << 30  # bytes of a split normalised once in host memory (CIFAR-10's training set: 0.6 GB)
 NORMALISED_SHARE_OF_FREE = 0.25  # on CUDA, of the free memory: the model and its activations need the rest
 NORMALISE_CHUNK_BYTES = 1 << 21  # of float32 temporaries at a time when a whole split is normalised: in cache
 
@@ -471,7 +473,7 @@ class DeviceLoader:
         # share = (rank, world size): every rank draws the same order and augmentation (the same
         # generator state) for each global batch of batch_size, then keeps its block of it
         self.share = share
-        self.normalised = None  # (N, H, W, 3) or (N, 3, H, W) float, as batches are laid out; see rows()
+        self.normalised = None  # (N, H, W, 3) or (N, 3, H, W) float, as batches are laid out; see _rows()
 
     @property
     def num_samples(self):

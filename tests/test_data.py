@@ -655,7 +655,8 @@ def test_a_damaged_cache_is_ignored_and_rewritten(small_sample, resizes, damage,
     elif damage == "garbage":
         bad = os.urandom(len(good))
     else:  # a cache of another format version, or with arrays of another shape under the right key
-        arrays = dict(zip(["train_images", "train_labels", "test_images", "test_labels"], expected_sample(small_sample)))
+        names = ["train_images", "train_labels", "test_images", "test_labels"]
+        arrays = dict(zip(names, expected_sample(small_sample)))
         resizes[0] -= 1
         with np.load(cache) as f:
             key = f["key"].item()

@@ -98,7 +98,8 @@ def test_augmented_batches_are_torchvisions_normalisation_of_the_crops(channels_
     replay = torch.Generator().manual_seed(3)  # draws what the loader draws, in its order
     order = torch.randperm(30, generator=replay)
     for start, (x, _) in zip(range(0, 30, 8), loader):
-        crops = datasets.random_crop_flip(torch.from_numpy(images)[order[start:start + 8]], datasets.CROP_PADDING, replay)
+        batch = torch.from_numpy(images)[order[start:start + 8]]
+        crops = datasets.random_crop_flip(batch, datasets.CROP_PADDING, replay)
         assert loader.normalised is None  # augmented batches are never served from a normalised split
         assert torch.equal(x, torchvision_normalised(crops.numpy(), mean, std))
         assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
