@@ -483,13 +483,14 @@ class DeviceLoader:
         return (self.num_samples // self.batch_size if self.drop_last else
                 math.ceil(self.num_samples / self.batch_size))
 
-    def normalize(self, x):
+    def normalize(self, x, out=None):
         """uint8 (B, H, W, 3) -> ToTensor + Normalize, float (B, 3, H, W): the layout changes while the
-        bytes are uint8, then torchvision's three float32 operations in its order, so bitwise its result."""
+        bytes are uint8, then torchvision's three float32 operations in its order, so bitwise its result.
+        `out`: where to write it (laid out as the result would be)."""
         x = x.permute(0, 3, 1, 2)  # NHWC memory: channels_last as it is
         if not self.channels_last:
             x = x.contiguous()
-        return torch.div(x, self.max_value).sub_(self.mean).div_(self.std)  # keeps the layout of x
+        return torch.div(x, self.max_value, out=out).sub_(self.mean).div_(self.std)  # keeps the layout of x
 
     def normalised_fits(self):
         n_bytes = self.images.numel() * 4  # float32
@@ -505,8 +506,9 @@ class DeviceLoader:
                               dtype=torch.float32, device=self.images.device)  # rows laid out as batches are
             chunk = max(1, NORMALISE_CHUNK_BYTES // (4 * self.images[0].numel()))  # images
             for start in range(0, self.num_samples, chunk):
-                x = self.normalize(self.images[start:start + chunk])
-                out[start:start + chunk] = x.permute(0, 2, 3, 1) if self.channels_last else x
+                rows = out[start:start + chunk]
+                self.normalize(self.images[start:start + chunk],
+                               rows.permute(0, 3, 1, 2) if self.channels_last else rows)
         return out
 
     def _rows(self, idx):
