@@ -2,7 +2,8 @@
 
 torchvision is imported where it is used (reading MNIST/CIFAR-10 files, the DataLoader path): it
 takes seconds to import, and neither the device path nor the scripts that only read run
-directories need it.
+directories need it. MNIST, resized to 32x32x3, is cached beside its files (see _read_cache), so
+a start with the cache warm imports no torchvision at all.
 
 - `DeviceLoader` (fast path): the whole split lives on the training device as uint8; shuffling is
   `randperm` on the device, crop/flip augmentation and normalisation are batched tensor ops.
@@ -11,9 +12,12 @@ Both apply the same transforms with the same constants, so they give the same te
 """
 import dataclasses
 import functools
+import hashlib
+import io
 import math
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -21,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import UserError, save_pickle
+from utils import UserError, atomic_write, save_pickle
 
 MNIST_STATS = ((0.1307,) * 3, (0.3081,) * 3)
+MNIST_CLASSES = 10
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the authors' constants
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CROP_PADDING = 4  # --SOTA: RandomCrop(size, padding=4) + RandomHorizontalFlip on the training set
@@ -106,27 +111,132 @@ def _as_int64(labels):
     return np.asarray(labels, dtype=np.int64)
 
 
+# ---------------------------------------------------------------------------- preprocessed MNIST, cached
+
+# Resizing MNIST with PIL takes seconds at every start (and torchvision, seconds more to import), so the
+# (N, 32, 32, 3) arrays are kept beside their source files. The cache is only ever a copy: any doubt
+# about it (another source, another format, a damaged file, no right to write) means computing again.
+PREPROCESSED_FORMAT = 1  # part of every cache key: bump it when _mnist_to_32x32x3 or the file layout changes
+CACHE_SUFFIX = ".32x32x3.cache.npz"  # the sources' name, then this (.gitignore lists the shipped sample's)
+MNIST_CACHE = os.path.join("MNIST", "mnist" + CACHE_SUFFIX)  # under --data_dir, beside MNIST/raw/
+CACHED_SPLITS = ("train", "test")
+
+
+def _source_key(paths, contents=None, how=""):
+    """The cache key of these source files: format version, `how` they are split, then each file's name,
+    size, mtime_ns and sha256 (of `contents`, the bytes already read, when given; hashing is cheap next
+    to resizing)."""
+    parts = [f"format {PREPROCESSED_FORMAT}{how}"]
+    for i, path in enumerate(paths):
+        st = os.stat(path)  # a change while the sources are read makes the next key differ, never match
+        digest = hashlib.sha256()
+        if contents is not None:
+            digest.update(contents[i])
+        else:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        parts.append(f"{os.path.basename(path)} {st.st_size} {st.st_mtime_ns} {digest.hexdigest()}")
+    return "; ".join(parts)
+
+
+def _valid_split(images, labels):
+    return (images.dtype == np.uint8 and images.ndim == 4 and images.shape[1:] == (32, 32, 3)
+            and labels.dtype == np.int64 and labels.shape == (len(images),))
+
+
+def _read_cache(path, key):
+    """{'train_images', 'train_labels', ...} from the cache at path if it was made from the sources of
+    `key`; None when it is missing, stale, truncated, corrupt or of another layout."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if f["key"].item() != key:
+                return None
+            arrays = {f"{s}_{a}": f[f"{s}_{a}"] for s in CACHED_SPLITS for a in ("images", "labels")}
+    except Exception:  # zip's CRC-32 catches a damaged member as it is read
+        return None
+    ok = all(_valid_split(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in CACHED_SPLITS)
+    return arrays if ok else None
+
+
+def _write_cache(path, key, arrays):
+    """Written atomically (utils.atomic_write), so readers and other writers see the old file or the whole
+    new one. Where the folder is not writable, say so in one line and go on without the cache."""
+    try:
+        atomic_write(path, lambda f: np.savez(f, key=np.array(key), **arrays))
+    except OSError as e:
+        print(f"note: cannot cache preprocessed MNIST in {os.path.dirname(path)} ({_short(e)}); "
+              f"it is recomputed at each start", file=sys.stderr)
+
+
+def _accepted(arrays, num_classes):
+    """Whether load_data will accept these splits: a refused data set leaves its folder as it was."""
+    ok = all(len(arrays[f"{s}_images"]) == len(arrays[f"{s}_labels"]) and
+             ((arrays[f"{s}_labels"] >= 0) & (arrays[f"{s}_labels"] < num_classes)).all() for s in CACHED_SPLITS)
+    return ok and (np.bincount(arrays["train_labels"], minlength=num_classes) > 0).all()
+
+
+def _split_arrays(train_images, train_labels, test_images, test_labels):
+    return dict(train_images=train_images, train_labels=train_labels, test_images=test_images,
+                test_labels=test_labels)
+
+
+def _as_splits(arrays):
+    return tuple(arrays[f"{s}_{a}"] for s in CACHED_SPLITS for a in ("images", "labels"))
+
+
 def load_mnist(root):
-    import torchvision
-    train, test = _torchvision_splits(torchvision.datasets.MNIST, "MNIST", root, MNIST_FILES)
-    return (_mnist_to_32x32x3(train.data.numpy()), _as_int64(train.targets),
-            _mnist_to_32x32x3(test.data.numpy()), _as_int64(test.targets))
+    sources = [os.path.join(root, f) for f in MNIST_FILES]
+    cache = os.path.join(root, MNIST_CACHE)
+    key = _source_key(sources) if all(os.path.isfile(p) for p in sources) else None
+    arrays = _read_cache(cache, key) if key is not None else None
+    if arrays is None:  # only now torchvision: it reads (or downloads) and checks the files
+        import torchvision
+        train, test = _torchvision_splits(torchvision.datasets.MNIST, "MNIST", root, MNIST_FILES)
+        key = key or _source_key(sources)  # the files were downloaded just now
+        arrays = _split_arrays(_mnist_to_32x32x3(train.data.numpy()), _as_int64(train.targets),
+                               _mnist_to_32x32x3(test.data.numpy()), _as_int64(test.targets))
+        if _accepted(arrays, MNIST_CLASSES):
+            _write_cache(cache, key, arrays)
+    return _as_splits(arrays)
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist_sample_32x32x3(mtime_ns):
-    """The shipped sample, resized once per process (and again should the file change)."""
-    with np.load(MNIST_SAMPLE) as f:
-        return _mnist_to_32x32x3(f["images"]), _as_int64(f["labels"])
-
-
-def load_mnist_sample(_root=None):
-    images, labels = _mnist_sample_32x32x3(os.stat(MNIST_SAMPLE).st_mtime_ns)
+def _mnist_sample_split(labels):
+    """Whether each image of the shipped sample is a training image: the first of each class are."""
     rank = np.empty_like(labels)  # position of each image within its class
     for k in np.unique(labels):
         rank[labels == k] = np.arange((labels == k).sum())
-    train = rank < MNIST_SAMPLE_TRAIN_PER_CLASS
-    return images[train], labels[train], images[~train], labels[~train]  # copies: the cache stays as it was
+    return rank < MNIST_SAMPLE_TRAIN_PER_CLASS
+
+
+def _mnist_sample_key(path, contents=None):
+    return _source_key([path], None if contents is None else [contents],
+                       how=f", {MNIST_SAMPLE_TRAIN_PER_CLASS} training images per class")
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_sample_32x32x3(path, size, mtime_ns):
+    """The shipped sample's splits, from the cache beside it, else resized (once per process, and again
+    should the file change) and cached there."""
+    with open(path, "rb") as f:
+        contents = f.read()
+    key = _mnist_sample_key(path, contents)
+    cache = os.path.splitext(path)[0] + CACHE_SUFFIX
+    arrays = _read_cache(cache, key)
+    if arrays is None:
+        with np.load(io.BytesIO(contents), allow_pickle=False) as f:
+            images, labels = _mnist_to_32x32x3(f["images"]), _as_int64(f["labels"])
+        train = _mnist_sample_split(labels)
+        arrays = _split_arrays(images[train], labels[train], images[~train], labels[~train])
+        if _accepted(arrays, MNIST_CLASSES):
+            _write_cache(cache, key, arrays)
+    return _as_splits(arrays)
+
+
+def load_mnist_sample(_root=None):
+    st = os.stat(MNIST_SAMPLE)
+    splits = _mnist_sample_32x32x3(MNIST_SAMPLE, st.st_size, st.st_mtime_ns)
+    return tuple(a.copy() for a in splits)  # copies: the memo stays as it was
 
 
 def load_cifar10(root):
@@ -221,10 +331,10 @@ class DataSet(NamedTuple):
 
 
 DATASETS = {
-    "mnist": DataSet(load_mnist, MNIST_STATS, False, 10,
+    "mnist": DataSet(load_mnist, MNIST_STATS, False, MNIST_CLASSES,
                      ("MNIST/raw/train-labels-idx1-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"),
                      "replace the MNIST files there (or delete them to download them again)"),
-    "mnist_sample": DataSet(load_mnist_sample, MNIST_STATS, False, 10, (MNIST_SAMPLE, MNIST_SAMPLE),
+    "mnist_sample": DataSet(load_mnist_sample, MNIST_STATS, False, MNIST_CLASSES, (MNIST_SAMPLE, MNIST_SAMPLE),
                             "restore it from the repository (git checkout data/mnist_sample.npz)"),
     "cifar10": DataSet(load_cifar10, CIFAR10_STATS, True, 10,
                        ("cifar-10-batches-py/data_batch_1..5", "cifar-10-batches-py/test_batch"),
@@ -332,26 +442,38 @@ def random_crop_flip(x, padding, generator):
     return padded[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+NORMALISED_CPU_CAP = 1 << 30  # bytes of a split normalised once in host memory (CIFAR-10's training set: 0.6 GB)
+NORMALISED_SHARE_OF_FREE = 0.25  # on CUDA, of the free memory: the model and its activations need the rest
+NORMALISE_CHUNK_BYTES = 1 << 21  # of float32 temporaries at a time when a whole split is normalised: in cache
+
+
 class DeviceLoader:
     """Batches of one split, kept whole on `device` as uint8.
 
     Yields (x, y): x float (B, 3, H, W), normalised as torchvision's ToTensor + Normalize would,
     in channels_last layout when asked; y int64 (B,). Its `generator` (on the device) draws the
     order and the augmentation, so saving its state makes the data order resumable.
+    Without augmentation the whole split is normalised once, at the first epoch, where it fits
+    (NORMALISED_CPU_CAP, NORMALISED_SHARE_OF_FREE); batches are then rows of it (slices when in
+    order: views, so a caller must not write into x).
     """
 
     def __init__(self, images, labels, batch_size, mean, std, device, shuffle=False, augment=False,
                  generator=None, channels_last=False, drop_last=False, share=None):
         self.images = torch.as_tensor(images).to(device)  # (N, H, W, 3) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)  # (N,)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        # Normalize's own float32 constants; 255 as a tensor too: CUDA divides by a Python scalar as a
+        # multiplication by its reciprocal, which is not always ToTensor's division
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.max_value = torch.full((1, 1, 1, 1), 255.0, device=device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator = generator if generator is not None else torch.Generator(device)
         self.channels_last, self.drop_last = channels_last, drop_last
         # share = (rank, world size): every rank draws the same order and augmentation (the same
         # generator state) for each global batch of batch_size, then keeps its block of it
         self.share = share
+        self.normalised = None  # (N, H, W, 3) or (N, 3, H, W) float, as batches are laid out; see _rows()
 
     @property
     def num_samples(self):
@@ -361,23 +483,54 @@ class DeviceLoader:
         return (self.num_samples // self.batch_size if self.drop_last else
                 math.ceil(self.num_samples / self.batch_size))
 
-    def normalize(self, x):
-        x = x.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)  # NHWC memory
-        return x if self.channels_last else x.contiguous()
+    def normalize(self, x, out=None):
+        """uint8 (B, H, W, 3) -> ToTensor + Normalize, float (B, 3, H, W): the layout changes while the
+        bytes are uint8, then torchvision's three float32 operations in its order, so bitwise its result.
+        `out`: where to write it (laid out as the result would be)."""
+        x = x.permute(0, 3, 1, 2)  # NHWC memory: channels_last as it is
+        if not self.channels_last:
+            x = x.contiguous()
+        return torch.div(x, self.max_value, out=out).sub_(self.mean).div_(self.std)  # keeps the layout of x
+
+    def normalised_fits(self):
+        n_bytes = self.images.numel() * 4  # float32
+        device = self.images.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return n_bytes <= NORMALISED_SHARE_OF_FREE * free
+        return n_bytes <= NORMALISED_CPU_CAP
+
+    def _normalise_split(self):
+        with torch.inference_mode(False):  # an inference tensor could not be trained on later
+            out = torch.empty(self.images.shape if self.channels_last else self.images.permute(0, 3, 1, 2).shape,
+                              dtype=torch.float32, device=self.images.device)  # rows laid out as batches are
+            chunk = max(1, NORMALISE_CHUNK_BYTES // (4 * self.images[0].numel()))  # images
+            for start in range(0, self.num_samples, chunk):
+                rows = out[start:start + chunk]
+                self.normalize(self.images[start:start + chunk],
+                               rows.permute(0, 3, 1, 2) if self.channels_last else rows)
+        return out
+
+    def _rows(self, idx):
+        x = self.normalised[idx]
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
 
     def __iter__(self):
         n, device = self.num_samples, self.labels.device
+        if self.normalised is None and not self.augment and self.normalised_fits():
+            self.normalised = self._normalise_split()
         order = torch.randperm(n, device=device, generator=self.generator) if self.shuffle else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            x = self.images[idx]
+            cached = self.normalised is not None and not self.augment
+            x = self._rows(idx) if cached else self.images[idx]
             y = self.labels[idx]
             if self.augment:
                 x = random_crop_flip(x, CROP_PADDING, self.generator)
             if self.share is not None:
                 rank, size = self.share
                 x, y = x.tensor_split(size)[rank], y.tensor_split(size)[rank]
-            yield self.normalize(x), y
+            yield (x if cached else self.normalize(x)), y
 
 
 def num_samples(loader):

@@ -47,3 +47,12 @@ def test_jobs_bench_prints_its_ratio():
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("1 run: ") and lines[1].startswith("2 runs: ")
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
+
+
+def test_startup_bench_prints_its_ratio():
+    out = subprocess.run([sys.executable, "bench/startup.py", "--rounds", "1", "--device", "cpu"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert any(line.startswith("startup_ratio: ") and float(line.split()[1]) > 0 for line in lines)
+    assert "cold cache" in lines[0] and lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0

@@ -3,6 +3,7 @@ files are refused; all from tiny copies written in the real on-disk formats."""
 import os
 import pickle
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -533,3 +534,244 @@ def test_good_random_labels_file_is_used(fake_cifar10):
     data = datasets.load_data("cifar10_random", root)
     assert data.train_labels.tolist() == GOOD_RANDOM_LABELS["train"].tolist() and data.train_labels.dtype == np.int64
     assert data.test_labels.tolist() == GOOD_RANDOM_LABELS["test"].tolist()
+
+
+# ---------------------------------------------------------------------------- preprocessed MNIST, cached beside its sources
+
+SAMPLE_PER_CLASS, SAMPLE_TRAIN_PER_CLASS = 6, 4
+
+
+@pytest.fixture
+def small_sample(tmp_path, monkeypatch):
+    """A small copy of the shipped sample (6 digits per class, 4 of them training) in a folder of its own,
+    read instead of data/mnist_sample.npz; uncompressed, so rewriting pixels keeps its size."""
+    with np.load(datasets.MNIST_SAMPLE) as f:
+        images, labels = f["images"], f["labels"]
+    keep = first_per_class(labels, SAMPLE_PER_CLASS)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = str(folder / "mnist_sample.npz")
+    np.savez(path, images=images[keep], labels=labels[keep])
+    monkeypatch.setattr(datasets, "MNIST_SAMPLE", path)
+    monkeypatch.setattr(datasets, "MNIST_SAMPLE_TRAIN_PER_CLASS", SAMPLE_TRAIN_PER_CLASS)
+    datasets._mnist_sample_32x32x3.cache_clear()
+    yield path
+    datasets._mnist_sample_32x32x3.cache_clear()
+
+
+def sample_cache(path):
+    return os.path.splitext(path)[0] + datasets.CACHE_SUFFIX
+
+
+def expected_sample(path):
+    """The sample's splits as _mnist_to_32x32x3 makes them, without the cache."""
+    with np.load(path) as f:
+        images, labels = datasets._mnist_to_32x32x3(f["images"]), f["labels"].astype(np.int64)
+    train = np.concatenate([np.flatnonzero(labels == k)[:SAMPLE_TRAIN_PER_CLASS] for k in range(10)])
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    train.sort()
+    return images[train], labels[train], images[test], labels[test]
+
+
+@pytest.fixture
+def resizes(monkeypatch):
+    """The number of times MNIST is resized (not read from a cache) from now on."""
+    real, count = datasets._mnist_to_32x32x3, [0]
+
+    def counted(images):
+        count[0] += 1
+        return real(images)
+    monkeypatch.setattr(datasets, "_mnist_to_32x32x3", counted)
+    return count
+
+
+def load_sample_again():
+    """A fresh start's load: no memo of this process."""
+    datasets._mnist_sample_32x32x3.cache_clear()
+    return datasets.load_mnist_sample()
+
+
+def test_the_cached_sample_is_byte_identical_to_the_resize(small_sample, monkeypatch):
+    from conftest import same
+    expected = expected_sample(small_sample)
+    assert same(load_sample_again(), expected) and os.path.isfile(sample_cache(small_sample))
+
+    def no_resize(images):
+        raise AssertionError("resized although the cache is warm")
+    monkeypatch.setattr(datasets, "_mnist_to_32x32x3", no_resize)
+    assert same(load_sample_again(), expected)
+    data = datasets.load_data("mnist_sample")
+    assert same((data.train_images, data.train_labels, data.test_images, data.test_labels), expected)
+
+
+def rewrite_pixels(path, keep_mtime):
+    """Invert every image of the sample in place: same size; the same mtime if asked."""
+    st = os.stat(path)
+    with np.load(path) as f:
+        images, labels = f["images"], f["labels"]
+    np.savez(path, images=255 - images, labels=labels)
+    assert os.stat(path).st_size == st.st_size
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("change", ["touched", "rewritten", "rewritten_same_size_and_mtime"])
+def test_a_changed_sample_is_resized_again(small_sample, resizes, change):
+    from conftest import same
+    load_sample_again()
+    assert resizes[0] == 1
+    if change == "touched":
+        st = os.stat(small_sample)
+        os.utime(small_sample, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    else:
+        rewrite_pixels(small_sample, keep_mtime=change == "rewritten_same_size_and_mtime")
+    assert same(load_sample_again(), expected_sample(small_sample))
+    assert resizes[0] == 3  # 2: the load; 3: expected_sample
+    load_sample_again()
+    assert resizes[0] == 3  # the new cache serves the next start
+
+
+def test_the_sample_s_split_is_part_of_the_key(small_sample, resizes, monkeypatch):
+    load_sample_again()
+    monkeypatch.setattr(datasets, "MNIST_SAMPLE_TRAIN_PER_CLASS", 5)
+    x_train, _, x_test, _ = load_sample_again()
+    assert resizes[0] == 2 and (len(x_train), len(x_test)) == (50, 10)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "byte_flipped", "garbage", "other_format", "wrong_shape"])
+def test_a_damaged_cache_is_ignored_and_rewritten(small_sample, resizes, damage, monkeypatch):
+    from conftest import same
+    load_sample_again()
+    cache = sample_cache(small_sample)
+    with open(cache, "rb") as f:
+        good = f.read()
+    if damage == "truncated":
+        bad = good[:len(good) // 2]
+    elif damage == "empty":
+        bad = b""
+    elif damage == "byte_flipped":  # inside the image bytes: only zip's CRC-32 can tell
+        i = len(good) // 2
+        bad = good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1:]
+    elif damage == "garbage":
+        bad = os.urandom(len(good))
+    else:  # a cache of another format version, or with arrays of another shape under the right key
+        names = ["train_images", "train_labels", "test_images", "test_labels"]
+        arrays = dict(zip(names, expected_sample(small_sample)))
+        resizes[0] -= 1
+        with np.load(cache) as f:
+            key = f["key"].item()
+        if damage == "other_format":
+            with monkeypatch.context() as m:
+                m.setattr(datasets, "PREPROCESSED_FORMAT", datasets.PREPROCESSED_FORMAT - 1)
+                key = datasets._mnist_sample_key(small_sample)
+        else:
+            arrays["train_images"] = arrays["train_images"][:, :28]
+        np.savez(cache, key=np.array(key), **arrays)
+        bad = None
+    if bad is not None:
+        with open(cache, "wb") as f:
+            f.write(bad)
+    assert same(load_sample_again(), expected_sample(small_sample))
+    assert resizes[0] == 3  # resized by the load (and by expected_sample), not served from the damaged file
+    load_sample_again()
+    assert resizes[0] == 3  # the cache was rewritten whole
+
+
+def test_an_unwritable_folder_falls_back_to_memory(small_sample, resizes, monkeypatch, capsys):
+    from conftest import same
+    import tempfile
+    folder = os.path.dirname(small_sample)
+    os.chmod(folder, 0o555)
+    try:
+        if os.geteuid() == 0:  # root writes anywhere: refuse as a read-only folder does
+            def read_only(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+            monkeypatch.setattr(tempfile, "mkstemp", read_only)
+        capsys.readouterr()
+        first, second = load_sample_again(), load_sample_again()
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:
+        os.chmod(folder, 0o755)
+    assert same(first, expected_sample(small_sample)) and same(second, first)
+    assert resizes[0] == 3  # computed in memory at each start
+    assert len(err) == 2 and all(line.startswith("note: ") and folder in line for line in err)  # a line a start
+    assert os.listdir(folder) == ["mnist_sample.npz"]
+
+
+def test_a_failed_write_keeps_the_old_cache_and_leaves_no_file(small_sample, monkeypatch, capsys):
+    from conftest import same
+    load_sample_again()
+    cache = sample_cache(small_sample)
+    with open(cache, "rb") as f:
+        old = f.read()
+    rewrite_pixels(small_sample, keep_mtime=False)
+
+    def disk_full(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(datasets.np, "savez", disk_full)
+    assert same(load_sample_again(), expected_sample(small_sample))
+    assert "No space left on device" in capsys.readouterr().err
+    with open(cache, "rb") as f:
+        assert f.read() == old  # not half a file; and it is stale, so it is not served:
+    assert sorted(os.listdir(os.path.dirname(small_sample))) == ["mnist_sample.32x32x3.cache.npz", "mnist_sample.npz"]
+
+
+def test_mnist_is_cached_beside_its_files_and_rekeyed_by_them(fake_mnist, monkeypatch):
+    from conftest import same
+    root, arrays = fake_mnist
+    expected = (datasets._mnist_to_32x32x3(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
+                datasets._mnist_to_32x32x3(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
+    assert same(datasets.load_mnist(root), expected)
+    assert os.path.isfile(os.path.join(root, "MNIST", "mnist.32x32x3.cache.npz"))
+    import torchvision
+
+    def no_torchvision(*args, **kwargs):
+        raise AssertionError("torchvision read the files although the cache is warm")
+    with monkeypatch.context() as m:
+        m.setattr(torchvision.datasets, "MNIST", no_torchvision)
+        m.setattr(datasets, "_mnist_to_32x32x3", no_torchvision)
+        assert same(datasets.load_mnist(root), expected)
+    labels = (arrays["test_labels"] + 1) % 10
+    fake_data.rewrite_mnist_labels(root, "t10k-labels-idx1-ubyte", labels.astype(np.uint8))
+    assert same(datasets.load_mnist(root), expected[:3] + (labels.astype(np.int64),))
+
+
+WARM_START = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_1st_order  # everything the training script imports
+import datasets
+datasets.MNIST_SAMPLE, datasets.MNIST_SAMPLE_TRAIN_PER_CLASS = sys.argv[1], {per_class}
+data = datasets.load_data("mnist_sample")
+train, test = datasets.make_loaders(data, 16, datasets.torch.device("cpu"), "device")
+next(iter(train)), next(iter(test))
+print(len(data.train_labels), "torchvision" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_start_does_not_import_torchvision(small_sample, tmp_path):
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_START.format(repo=REPO, per_class=SAMPLE_TRAIN_PER_CLASS))
+    runs = [subprocess.run([sys.executable, str(script), small_sample], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert all(out.returncode == 0 for out in runs), runs[-1].stderr
+    assert [out.stdout.split() for out in runs] == [["40", "True"], ["40", "False"]]  # cold, then warm
+
+
+@pytest.mark.slow
+def test_starts_killed_or_at_once_never_leave_a_cache_that_is_read_as_valid(small_sample, tmp_path):
+    from conftest import same
+    script = tmp_path / "load.py"
+    script.write_text(WARM_START.format(repo=REPO, per_class=SAMPLE_TRAIN_PER_CLASS))
+    killed = subprocess.run(harness.command(script, small_sample, kill="before_rename@1"), capture_output=True,
+                            timeout=300)
+    assert killed.returncode != 0 and not os.path.exists(sample_cache(small_sample))
+    together = [subprocess.Popen([sys.executable, str(script), small_sample], stdout=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    assert all(p.wait(timeout=300) == 0 and p.stdout.read().split()[0] == "40" for p in together)
+    for p in together:
+        p.stdout.close()
+    arrays = datasets._read_cache(sample_cache(small_sample), datasets._mnist_sample_key(small_sample))
+    assert arrays is not None and same(datasets._as_splits(arrays), expected_sample(small_sample))

@@ -30,7 +30,7 @@ def test_mnist_batches_equal_torchvisions_own_pipeline(fake_mnist):
         [T.Grayscale(3), T.Resize(32), T.ToTensor(), T.Normalize(0.1307, 0.3081)]))
     for i in range(len(reference)):
         image, label = reference[i]
-        torch.testing.assert_close(x[i], image, atol=1e-6, rtol=0)
+        assert torch.equal(x[i], image)  # bitwise
         assert y[i].item() == label
 
 
@@ -41,7 +41,7 @@ def test_cifar10_batches_equal_torchvisions_transforms(fake_cifar10):
     transform = T.Compose([T.ToTensor(), T.Normalize(datasets.CIFAR10_STATS[0], datasets.CIFAR10_STATS[1])])
     for i in range(len(data.train_labels)):
         expected = transform(data.train_images[i])
-        torch.testing.assert_close(x[i], expected, atol=1e-6, rtol=0)
+        assert torch.equal(x[i], expected)
     assert torch.equal(y, torch.as_tensor(data.train_labels))
 
 
@@ -49,8 +49,115 @@ def test_the_two_loaders_give_the_same_test_batches():
     data = datasets.load_data("mnist_sample")
     fast, slow = (datasets.make_loaders(data, 64, CPU, kind, train=False, num_workers=0)[1] for kind in ("device", "torch"))
     for (xa, ya), (xb, yb) in zip(fast, slow):
-        torch.testing.assert_close(xa, xb, atol=1e-6, rtol=0)
+        assert torch.equal(xa, xb)
         assert torch.equal(ya, yb)
+
+
+def every_value_images(n=40, size=8, seed=0):
+    """uint8 (n, size, size, 3) images in which every channel takes all 256 values (and random ones)."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    images.reshape(-1, 3)[:256] = np.arange(256, dtype=np.uint8)[:, None]
+    return images
+
+
+def torchvision_normalised(images, mean, std):
+    """ToTensor + Normalize of each uint8 (H, W, 3) image, torchvision's own code: (N, 3, H, W)."""
+    transform = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    return torch.stack([transform(image) for image in images])
+
+
+def epoch(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+STATS = [datasets.MNIST_STATS, datasets.CIFAR10_STATS, datasets.IMAGENET_STATS]
+
+
+@pytest.mark.parametrize("stats", STATS, ids=["mnist", "cifar10", "imagenet"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("whole_split", [True, False], ids=["normalised_once", "per_batch"])
+def test_every_pixel_value_is_bitwise_torchvisions(stats, channels_last, whole_split, monkeypatch):
+    if not whole_split:
+        monkeypatch.setattr(datasets, "NORMALISED_CPU_CAP", 0)
+    images = every_value_images()
+    loader = datasets.DeviceLoader(images, np.arange(len(images)) % 10, 16, *stats, CPU, channels_last=channels_last)
+    x, _ = epoch(loader)
+    assert (loader.normalised is not None) == whole_split
+    assert x.dtype == torch.float32 and torch.equal(x, torchvision_normalised(images, *stats))
+    for batch, _ in loader:
+        assert batch.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_augmented_batches_are_torchvisions_normalisation_of_the_crops(channels_last):
+    images = every_value_images(n=30, size=12)
+    mean, std = datasets.CIFAR10_STATS
+    loader = datasets.DeviceLoader(images, np.zeros(30), 8, mean, std, CPU, shuffle=True, augment=True,
+                                   generator=torch.Generator().manual_seed(3), channels_last=channels_last)
+    replay = torch.Generator().manual_seed(3)  # draws what the loader draws, in its order
+    order = torch.randperm(30, generator=replay)
+    for start, (x, _) in zip(range(0, 30, 8), loader):
+        batch = torch.from_numpy(images)[order[start:start + 8]]
+        crops = datasets.random_crop_flip(batch, datasets.CROP_PADDING, replay)
+        assert loader.normalised is None  # augmented batches are never served from a normalised split
+        assert torch.equal(x, torchvision_normalised(crops.numpy(), mean, std))
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("share", [None, (1, 2)])
+def test_the_normalised_split_gives_the_per_batch_path_s_batches(channels_last, share, monkeypatch):
+    images, labels = every_value_images(n=45), np.arange(45) % 10
+
+    def batches(cap):
+        monkeypatch.setattr(datasets, "NORMALISED_CPU_CAP", cap)
+        loader = datasets.DeviceLoader(images, labels, 8, *datasets.CIFAR10_STATS, CPU, shuffle=True,
+                                       generator=torch.Generator().manual_seed(1), channels_last=channels_last,
+                                       drop_last=True, share=share)
+        out = [b for _ in range(2) for b in loader]  # two epochs: two orders
+        return out, loader
+
+    (once, loader), (per_batch, _) = batches(1 << 30), batches(0)
+    assert loader.normalised is not None and len(once) == len(per_batch) == 10
+    for (xa, ya), (xb, yb) in zip(once, per_batch):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.stride() == xb.stride()
+    assert not torch.equal(once[0][1], once[5][1])  # the second epoch is shuffled anew
+
+
+def test_a_split_over_the_cap_is_normalised_per_batch(monkeypatch):
+    images = every_value_images(n=10)
+    monkeypatch.setattr(datasets, "NORMALISED_CPU_CAP", images.size * 4 - 1)  # one byte short of float32
+    loader = datasets.DeviceLoader(images, np.zeros(10), 4, *datasets.MNIST_STATS, CPU)
+    x, _ = epoch(loader)
+    assert loader.normalised is None and torch.equal(x, torchvision_normalised(images, *datasets.MNIST_STATS))
+    monkeypatch.setattr(datasets, "NORMALISED_CPU_CAP", images.size * 4)
+    epoch(loader)
+    assert loader.normalised is not None
+
+
+def test_a_split_normalised_under_inference_mode_can_be_trained_on():
+    images = every_value_images(n=10)
+    loader = datasets.DeviceLoader(images, np.zeros(10), 5, *datasets.MNIST_STATS, CPU)
+    with torch.inference_mode():
+        epoch(loader)
+    model = torch.nn.Linear(3 * 8 * 8, 2)
+    x, _ = next(iter(loader))
+    model(x.flatten(1)).sum().backward()  # an inference tensor could not be saved for backward
+    assert model.weight.grad is not None
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_generator_state_replays_an_epoch(augment):
+    images = every_value_images(n=30)
+    loader = datasets.DeviceLoader(images, np.arange(30), 8, *datasets.CIFAR10_STATS, CPU, shuffle=True,
+                                   augment=augment, generator=torch.Generator().manual_seed(0))
+    epoch(loader)
+    state = loader.generator.get_state()
+    first = epoch(loader)
+    loader.generator.set_state(state)
+    again = epoch(loader)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def crops_of(image, padding):
