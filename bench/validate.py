@@ -218,8 +218,8 @@ def main(argv=None):
     diff = abs(ours["collapse_metric"] - ref["NC1"]) / abs(ref["NC1"])
     if diff > 1e-3:
         raise SystemExit(f"error: end to end, NC1 differs by {diff:.2e} relative (more than 1e-3)")
-    print(f"NC1-NC4 agree to 1e-3 relative, after the forward pass and end to end ({args.rounds} rounds, "
-          f"times are medians (min-max, +- half the range))")
+    print(f"NC1-NC4 agree to 1e-3 relative, after the forward pass and end to end; times are medians over "
+          f"{args.rounds} round{'s' * (args.rounds != 1)} (min-max, +- half the range)")
     ratio_e2e = [r / o for r, o in zip(t_e2e["reference"], t_e2e["ours"])]
     ratio_after = [r / o for r, o in zip(t_after["reference"], t_after["ours"])]
     print(f"forward pass alone (device-resident data): {spread(t_after['forward'])} s")

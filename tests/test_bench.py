@@ -60,7 +60,11 @@ def bench_module(name):
 
 
 def run_bench(script, *flags):
-    out = subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # one intra-op thread, as conftest.single_thread gives tiny models: two contending OpenMP threads
+    # on a loaded 2-core machine turn each small op into a wait for both
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()
 
@@ -87,9 +91,9 @@ def test_train_bench_refuses_a_32x32_model_on_mini_imagenet_shaped_images():
 
 def test_train_bench_times_lbfgs_and_the_nc_pass():
     lines = run_bench("bench/train.py", "--width", "16", "--depth", "1", "--optimizer", "LBFGS", "--num_samples",
-                      "128", "--batch_size", "64", "--num_workers", "0", "--device", "cpu", "--rounds", "2",
+                      "64", "--batch_size", "32", "--num_workers", "0", "--device", "cpu", "--rounds", "2",
                       "--nc_every", "1")
-    assert "LBFGS, batch 64," in lines[0]
+    assert "LBFGS, batch 32," in lines[0]
     evaluations = next(line for line in lines if line.startswith("closure evaluations per step: "))
     assert float(evaluations.split("(a) ")[1].split(",")[0]) >= 1  # the authors' closure ran, line search included
     assert float(next(line for line in lines if line.startswith("ratio: ")).split()[1]) > 0
@@ -98,11 +102,11 @@ def test_train_bench_times_lbfgs_and_the_nc_pass():
 
 def test_train_bench_on_mini_imagenet_shaped_images():
     # the ImageNet stem (no --SOTA) keeps 84x84 images cheap enough for a CPU test
+    # (8 images leave most of the 100 classes empty, so no NC pass here: the validation test has it)
     lines = run_bench("bench/train.py", "--model", "resnet18", "--dataset", "synthetic_mini", "--num_samples", "8",
-                      "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--rounds", "1", "--nc_every", "1")
+                      "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--rounds", "1")
     assert "8 synthetic_mini images per pass, 100 classes" in lines[0]
-    assert float(next(line for line in lines if line.startswith("ratio: ")).split()[1]) > 0
-    assert lines[-1].startswith("nc_overhead: ") and float(lines[-1].split()[1]) > 0
+    assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
 
 
 def test_validate_bench_on_mini_imagenet_shaped_images_checks_nc_and_ends_with_both_ratios():
