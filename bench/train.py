@@ -216,7 +216,7 @@ def main(argv=None):
     n, K = len(labels), num_classes(args)
     print(f"{args.model}{' --SOTA' if args.SOTA else ''}, {args.optimizer}, batch {args.batch_size}, "
           f"{n} {args.dataset} images per pass, {K} classes, amp {args.amp}, compile {args.compile}, "
-          f"CUDA graph {args.cuda_graph}, {args.rounds} interleaved rounds, {device}"
+          f"CUDA graph {args.cuda_graph}, {args.rounds} interleaved round{'s' * (args.rounds != 1)}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     # (a) the authors' pipeline
     margs, model_a = build(args, device)
