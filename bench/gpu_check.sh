@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device checks of issues 3 and 5 in one short run on a GPU machine:
+# The device checks of issues 3 and 5, LBFGS and mini-ImageNet-shaped data, in one short run on a GPU machine:
 #   bash bench/gpu_check.sh [out_dir]            # every step
 #   ONLY="train_sota train_sota_graph" bash bench/gpu_check.sh out   # some steps
 # Writes each step's output to out_dir (default: bench_out/) and echoes its end.
@@ -8,8 +8,19 @@ set -u
 out=${1:-bench_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-dev=cuda; n_val=20000; n_train=25600; n_nc=50000; epochs=2; subset=""; graph="--cuda_graph"
-if [ "${SMALL:-0}" = 1 ]; then dev=cpu; n_val=512; n_train=512; n_nc=512; epochs=1; subset="--sample_size 10"; graph=""; fi
+# Sizes: each bench times a warm-up and 3 interleaved rounds per side, so 12,800 training images
+# (100 batches) per pass time 38,400 per side, more than the one pass of 25,600 that this script
+# timed before. LBFGS: 5,120 images (10 steps of ~25 closure evaluations each); mini-ImageNet-shaped:
+# 5,000 training images (~7x a CIFAR image's convolution work with --SOTA's stride-1 stem) and 10,000
+# validated (100 per class). Estimated (not yet timed) for an H200: under 8 minutes in all, with --compile.
+dev=cuda; n_val=20000; n_train=12800; n_nc=50000; epochs=2; subset=""; graph="--cuda_graph"
+n_lbfgs=5120; lbfgs_batch=512; n_mini=5000; mini_batch=128; n_mini_val=10000; mini_classes=100
+rounds=""  # the benches' default: a warm-up and 3 interleaved rounds per side
+if [ "${SMALL:-0}" = 1 ]; then dev=cpu; n_val=100; n_train=64; n_nc=64; epochs=1; subset="--sample_size 10"; graph=""
+  # On a (shared, 2-core) CPU only the script is under test, not the sizes: ResNet-18 costs seconds
+  # per image at 84x84 with the stride-1 stem, so a handful of images, 2 per class of 10 classes
+  # for the mini validation's NC, and one timed round
+  n_lbfgs=32; lbfgs_batch=32; n_mini=8; mini_batch=4; n_mini_val=20; mini_classes=10; rounds="--rounds 1"; fi
 step() {  # step NAME COMMAND...: run it (unless ONLY leaves it out), keep its log, go on after a failure
   local name=$1; shift
   case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac
@@ -20,18 +31,23 @@ step() {  # step NAME COMMAND...: run it (unless ONLY leaves it out), keep its l
   echo "=== $name: exit $rc after $((SECONDS - t)) s"
 }
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-bench="python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_train --device $dev"
-step validate python3 bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_val --device $dev
+bench="python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_train --device $dev $rounds"
+step validate python3 bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_val --device $dev $rounds
 step train_sota $bench --SOTA
 step train_sota_graph $bench --SOTA $graph
 step train_plain $bench
 step train_plain_graph $bench $graph
 step train_sota_bf16_compile $bench --SOTA --amp bf16 --compile
 step train_sota_bf16_graph $bench --SOTA --amp bf16 $graph
+# LBFGS (history 10, strong Wolfe, lr 0.1), plain ResNet-18, batch 512, CIFAR-shaped (target ratio >= 3)
+step train_lbfgs python3 bench/train.py --model resnet18 --dataset synthetic --optimizer LBFGS --num_samples $n_lbfgs --batch_size $lbfgs_batch --device $dev $rounds
+# mini-ImageNet-shaped data (84x84, 100 classes), --SOTA: training, and one checkpoint's validation
+step train_mini python3 bench/train.py --model resnet18 --SOTA --dataset synthetic_mini --num_samples $n_mini --batch_size $mini_batch --device $dev $rounds
+step validate_mini python3 bench/validate.py --model resnet18 --SOTA --dataset synthetic_mini --num_samples $n_mini_val --num_classes $mini_classes --device $dev $rounds
 # several runs at once on one GPU (experiments.py --jobs N): target ratio >= 2.5 at N = 4
 step jobs python3 bench/jobs.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_train --device $dev --jobs 2 4 8
 # NC measured in the run: 50,000 + 10,000 CIFAR-shaped images, as CIFAR-10 (target nc_overhead <= 0.25)
-step train_sota_nc python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_nc --device $dev --SOTA --nc_every 1
+step train_sota_nc python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_nc --device $dev --SOTA --nc_every 1 $rounds
 # The scripts themselves: train, resume one more epoch, validate; and the same run with CUDA graphs.
 run=/tmp/gpu_runs
 rm -rf $run

@@ -7,78 +7,115 @@
 
     python bench/train.py --model MLP --width 64 --depth 1            # CPU, mnist_sample
     python bench/train.py --model resnet18 --SOTA --dataset synthetic --device cuda [--amp bf16 --compile]
+    python bench/train.py --model MLP --width 64 --depth 1 --optimizer LBFGS       # batch 512
+    python bench/train.py --model resnet18 --SOTA --dataset synthetic_mini --device cuda
 
-Each pipeline runs one warm-up pass, then a timed pass over the same images (the DataLoader's
-workers persist, so their start is not timed). The last line is `ratio: <(b) / (a)>` in images/s.
+--optimizer LBFGS (history 10, strong-Wolfe line search, lr 0.1, as the paper's LBFGS runs) times
+the authors' closure (forward, MSE against one-hot targets plus 0.5 * wd * ||p||^2 per parameter,
+zero_grad, backward) with `optimizer.step(closure)`, `loss.item()` and the eval-mode forward pass
+per step, against train_2nd_order.make_lbfgs_step in training.train_one_epoch.
+
+--dataset synthetic_mini: random 84x84x3 images of 100 classes, as mini-ImageNet, normalised with
+the ImageNet statistics and (with --SOTA) randomly cropped with the repository's padding and flipped.
+
+Each pipeline runs one warm-up pass, then --rounds timed passes over the same images, interleaved
+(a b, b a, a b, ...); the DataLoader's workers persist, so their start is not timed. Each side's
+images/s is reported as the median over rounds with its spread, and the last line is
+`ratio: <median over rounds of (b) / (a)>` in images/s.
 
 With --nc_every N, (b)'s model is then measured as training measures it (validate_NC.evaluate over
 the training images without augmentation and a test set a fifth of their number, as CIFAR-10's,
-at validation's batch size), and the last line is `nc_overhead: <NC pass / N training epochs>`,
-the share of an epoch's time that measuring NC every N epochs adds.
+at validation's batch size), --rounds times after a warm-up, and the last line is
+`nc_overhead: <median NC pass / N median training epochs>`, the share of an epoch's time that
+measuring NC every N epochs adds.
 """
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import ROUNDS, SYNTHETIC, check_model_fits, interleaved, median, rate, spread, synthetic, timed  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))
 import datasets  # noqa: E402
-from args import add_model_args  # noqa: E402
+from args import add_model_args, positive_int  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
 import validate_NC  # noqa: E402
 from args import VALIDATION_BATCH  # noqa: E402
 from train_1st_order import first_order_step  # noqa: E402
-from utils import make_criterion, make_optimizer  # noqa: E402
+from train_2nd_order import make_lbfgs_step  # noqa: E402
+from utils import UserError, make_criterion, make_optimizer, run_main  # noqa: E402
+
+SGD_LR = 0.05  # the paper's SGD runs
+LBFGS_LR, LBFGS_HISTORY = 0.1, 10  # the paper's LBFGS run
+WEIGHT_DECAY = 5e-4
+DEFAULT_BATCH = {"SGD": 128, "LBFGS": 512}  # the paper's batch for each
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p)  # the training scripts' model flags
     p.set_defaults(model="MLP")
-    p.add_argument("--dataset", default="mnist_sample", choices=["mnist_sample", "synthetic"],
-                   help="mnist_sample (real MNIST digits, 28x28 grey) or synthetic CIFAR-shaped images")
-    p.add_argument("--num_samples", type=int, default=None, help="images per timed pass (default: 4000 or 25600)")
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--dataset", default="mnist_sample", choices=["mnist_sample", *SYNTHETIC],
+                   help="mnist_sample (real MNIST digits, 28x28 grey), synthetic (CIFAR-shaped images) or "
+                        "synthetic_mini (mini-ImageNet-shaped: 84x84, 100 classes)")
+    p.add_argument("--num_samples", type=positive_int, default=None,
+                   help="images per timed pass (default: all 5000 of mnist_sample, 25600 synthetic or 10000 synthetic_mini)")
+    p.add_argument("--optimizer", default="SGD", choices=list(DEFAULT_BATCH),
+                   help="SGD (momentum 0.9, lr 0.05) or LBFGS (history 10, strong Wolfe, lr 0.1)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="default: 128 (SGD) or 512 (LBFGS)")
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cuda_graph", action="store_true", help="(b) replays each step as one CUDA graph")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=positive_int, default=ROUNDS, help="timed passes of each pipeline, interleaved")
     p.add_argument("--nc_every", type=int, default=0, help="also time the NC pass of training with --nc_every N")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH[args.optimizer]
+    return args
+
+
+def num_classes(args):
+    return SYNTHETIC[args.dataset][1] if args.dataset in SYNTHETIC else 10
 
 
 def get_data(args):
-    """(raw images for the authors' transforms, the same images as our uint8 32x32x3 arrays, labels,
+    """(raw images for the authors' transforms, the same images as our uint8 HxWx3 arrays, labels,
     the authors' transform, normalisation, whether to augment)."""
+    check_model_fits(args.model, args.dataset)
     if args.dataset == "mnist_sample":
         with np.load(datasets.MNIST_SAMPLE) as f:
             raw, labels = f["images"], f["labels"].astype(np.int64)
         n = args.num_samples or len(labels)
-        spread = np.arange(n) * len(labels) // n  # the file is sorted by class: every class, evenly
-        raw, labels = raw[spread], labels[spread]
+        even = np.arange(n) * len(labels) // n  # the file is sorted by class: every class, evenly
+        raw, labels = raw[even], labels[even]
         mean, std = datasets.MNIST_STATS
         transform = T.Compose([T.Grayscale(3), T.Resize(32), T.ToTensor(), T.Normalize(0.1307, 0.3081)])
         return raw, datasets._mnist_to_32x32x3(raw), labels, transform, (mean, std), False
-    n = args.num_samples or 25600
-    g = np.random.default_rng(0)
-    images, labels = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 10
-    mean, std = datasets.CIFAR10_STATS
-    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if args.SOTA else []
+    default_n = 25600 if args.dataset == "synthetic" else 10000
+    images, labels, (mean, std), _ = synthetic(args.dataset, args.num_samples or default_n)
+    size = images.shape[1]
+    steps = [T.RandomCrop(size, padding=datasets.CROP_PADDING), T.RandomHorizontalFlip()] if args.SOTA else []
     transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
     return images, images, labels, transform, (mean, std), args.SOTA
 
 
 def build(args, device):
-    margs = argparse.Namespace(**vars(args), optimizer="SGD", lr=0.05, weight_decay=5e-4, sep_decay=False, loss="MSE")
+    """(the training options, a model for the data set's classes), the same initial model for each call."""
+    lbfgs = getattr(args, "optimizer", "SGD") == "LBFGS"
+    margs = argparse.Namespace(**{**vars(args), "optimizer": "LBFGS" if lbfgs else "SGD",
+                                  "lr": LBFGS_LR if lbfgs else SGD_LR, "history_size": LBFGS_HISTORY,
+                                  "weight_decay": WEIGHT_DECAY, "sep_decay": False, "loss": "MSE"})
     torch.manual_seed(0)
-    return margs, models.build_model(margs, 10).to(device)
+    return margs, models.build_model(margs, num_classes(args)).to(device)
 
 
 def authors_epoch(model, loader, optimizer, device, num_classes=10):
@@ -101,63 +138,139 @@ def authors_epoch(model, loader, optimizer, device, num_classes=10):
     return correct
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t
+class Counted:
+    """fn, counting its calls: LBFGS's closure evaluations per step decide most of its time, so
+    both sides report theirs (different batches may end a step's iterations at different counts)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def authors_lbfgs_epoch(model, loader, optimizer, device, num_classes=10, weight_decay=WEIGHT_DECAY,
+                        forward=None):
+    """An LBFGS step as the authors' second-order trainer makes it (the closure re-evaluates the
+    loss with its weight-decay penalty at each point of the line search), then the accuracy's
+    forward pass. `forward` (default: the model) runs the closure's forward pass."""
+    criterion = torch.nn.MSELoss()
+    forward = forward or model
+    correct = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        model.train()
+
+        def closure():
+            logits, _ = forward(x)
+            loss = criterion(logits, F.one_hot(y, num_classes).float())
+            for p in model.parameters():
+                loss = loss + 0.5 * weight_decay * torch.norm(p) ** 2
+            optimizer.zero_grad()
+            loss.backward()
+            return loss
+
+        loss = optimizer.step(closure)  # the loss at the step's first evaluation
+        _ = loss.item()  # logged every step
+        model.eval()
+        with torch.no_grad():
+            logits, _ = model(x)
+        correct += (logits.argmax(1) == y).sum().item()
+    return correct
+
+
+def our_step(margs, device):
+    """The step training.main builds for these options.
+
+    HOOK: when training.build_step(args, make_step, device) lands (it will also wrap LBFGS's
+    closure in a CUDA graph), this body becomes
+        return training.build_step(margs, make_lbfgs_step if lbfgs else lambda a: first_order_step, device)
+    and the --cuda_graph refusal for LBFGS in main() goes."""
+    lbfgs = margs.optimizer == "LBFGS"
+    step = make_lbfgs_step(margs) if lbfgs else first_order_step
+    return training.CUDAGraphStep(step) if margs.cuda_graph else step
+
+
+def with_autotuner(on, run):
+    """run, switching cuDNN's autotuner on or off first: a process-wide switch, and the sides differ."""
+    def run_with():
+        torch.backends.cudnn.benchmark = on
+        return run()
+    return run_with
+
+
+def check(args, device):
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
+    if args.cuda_graph and args.optimizer == "LBFGS":
+        raise UserError("--cuda_graph replays first-order steps only (LBFGS's line search decides on the host); "
+                        "drop the flag")
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
+    check(args, device)
     raw, images, labels, transform, (mean, std), augment = get_data(args)
-    n = len(labels)
-    print(f"{args.model}{' --SOTA' if args.SOTA else ''}, batch {args.batch_size}, {n} {args.dataset} images per pass, "
-          f"amp {args.amp}, compile {args.compile}, CUDA graph {args.cuda_graph}, {device}"
+    n, K = len(labels), num_classes(args)
+    print(f"{args.model}{' --SOTA' if args.SOTA else ''}, {args.optimizer}, batch {args.batch_size}, "
+          f"{n} {args.dataset} images per pass, {K} classes, amp {args.amp}, compile {args.compile}, "
+          f"CUDA graph {args.cuda_graph}, {args.rounds} interleaved round{'s' * (args.rounds != 1)}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     # (a) the authors' pipeline
-    margs, model = build(args, device)
+    margs, model_a = build(args, device)
     loader = torch.utils.data.DataLoader(datasets.ArrayDataset(raw, labels, transform), batch_size=args.batch_size,
                                          shuffle=True, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    authors_epoch(model, loader, optimizer, device)
-    t_a = timed(lambda: authors_epoch(model, loader, optimizer, device), device)
+    if margs.optimizer == "LBFGS":
+        optimizer_a = torch.optim.LBFGS(model_a.parameters(), lr=LBFGS_LR, history_size=LBFGS_HISTORY,
+                                        line_search_fn="strong_wolfe")
+        forward_a = Counted(model_a)
+        run_a = lambda: authors_lbfgs_epoch(model_a, loader, optimizer_a, device, K, forward=forward_a)
+    else:
+        optimizer_a = torch.optim.SGD(model_a.parameters(), lr=SGD_LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
+        run_a = lambda: authors_epoch(model_a, loader, optimizer_a, device, K)
 
-    # (b) ours (the authors' code leaves cuDNN's autotuner off; training.main turns it on)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    run_a = with_autotuner(False, run_a)  # the authors' code leaves cuDNN's autotuner off
+
+    # (b) ours, with the autotuner on a GPU, as training.main sets it
     margs, model = build(args, device)
     channels_last = device.type == "cuda" and args.model != "MLP"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(margs, model)
-    objective = training.make_objective(margs, model, make_criterion(margs, 10))
+    objective = Counted(training.make_objective(margs, model, make_criterion(margs, K)))
     fast = datasets.DeviceLoader(images, labels, args.batch_size, mean, std, device, shuffle=True, augment=augment,
                                  generator=torch.Generator(device).manual_seed(0), channels_last=channels_last)
-    step = training.CUDAGraphStep(first_order_step) if args.cuda_graph else first_order_step
-    run = lambda: training.train_one_epoch(model, fast, step, optimizer, objective, 1, device)
-    t_warm = timed(run, device)
-    t_b = timed(run, device)
+    step = our_step(margs, device)
+    run_b = with_autotuner(device.type == "cuda",
+                           lambda: training.train_one_epoch(model, fast, step, optimizer, objective, 1, device))
+    run_a()  # the warm-ups: (a)'s starts its workers, (b)'s compiles (when asked), reported on its own
+    _, t_warm = timed(run_b, device)
 
-    a, b = n / t_a, n / t_b
-    print(f"(a) authors' pipeline: {a:10,.0f} images/s")
-    print(f"(b) this repository:   {b:10,.0f} images/s (warm-up pass, with any compilation: {t_warm:.1f} s)")
-    print(f"ratio: {b / a:.2f}")
+    seconds, _ = interleaved({"a": run_a, "b": run_b}, args.rounds, device, warmup=False)
+    rates = {side: [n / t for t in seconds[side]] for side in seconds}
+    ratios = [b / a for a, b in zip(rates["a"], rates["b"])]
+    print(f"(a) authors' pipeline: {spread(rates['a'], rate)} images/s (median, min-max over rounds)")
+    print(f"(b) this repository:   {spread(rates['b'], rate)} images/s (warm-up pass, with any "
+          f"compilation: {t_warm:.1f} s)")
+    print(f"per-round ratios (b)/(a): {', '.join(f'{r:.2f}' for r in ratios)}; median {spread(ratios, '{:.2f}')}")
+    if margs.optimizer == "LBFGS":
+        steps = (1 + args.rounds) * len(fast)  # passes since the warm-ups began, batches per pass
+        print(f"closure evaluations per step: (a) {forward_a.calls / steps:.1f}, (b) {objective.calls / steps:.1f}")
+    print(f"ratio: {median(ratios):.2f}")
     if args.nc_every > 0:
         kw = dict(batch_size=VALIDATION_BATCH, mean=mean, std=std, device=device, channels_last=channels_last)
         train_eval = datasets.DeviceLoader(images, labels, **kw)
         test = datasets.DeviceLoader(images[::5], labels[::5], **kw)
         n_test = test.num_samples
         measure = lambda: validate_NC.evaluate(model, train_eval, test, model.fc.out_features)
-        measure()  # warm-up
-        t_nc = timed(measure, device)
-        print(f"NC pass: {t_nc:.2f} s over {n} + {n_test} images; a training epoch: {t_b:.2f} s")
-        print(f"nc_overhead: {t_nc / args.nc_every / t_b:.3f}")
+        t_nc = interleaved({"nc": measure}, args.rounds, device)[0]["nc"]
+        t_b = median(seconds["b"])
+        print(f"NC pass: {spread(t_nc)} s over {n} + {n_test} images; a training epoch: {t_b:.3g} s (medians)")
+        print(f"nc_overhead: {median(t_nc) / args.nc_every / t_b:.3f}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

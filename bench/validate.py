@@ -9,17 +9,23 @@ the reference keeps float32 arithmetic; exactness against float64 is the tests' 
 
     python bench/validate.py                                   # CPU: MLP 1024x6 on mnist_sample
     python bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples 20000 --device cuda
+    python bench/validate.py --model resnet18 --SOTA --dataset synthetic_mini --num_samples 10000 --device cuda
 
-Prints both times end to end (forward passes included) and after the forward pass (from each
-batch's features and labels to the final metrics). The last line is
-`ratio: <reference seconds / repository seconds>` for the part after the forward pass.
+--dataset synthetic_mini: random 84x84x3 images of 100 classes, as mini-ImageNet (ImageNet's
+normalisation). Each side runs once untimed, then --rounds times, interleaved (a b, b a, ...).
+The headline is end to end (from uint8 images to the metrics, forward passes included; the
+reference's DataLoader starts its workers inside each timing, as each validation of the authors'
+code does); also after the forward pass (from each batch's features and labels to the metrics).
+Each is printed as medians over rounds with their spread, then
+`end_to_end_ratio: <median over rounds of reference seconds / repository seconds>` and, last,
+`ratio: <the same for the part after the forward pass>`.
 
     python bench/validate.py --measures all [--layers]
 
 also times the training-set measurement (forward pass included) with the extra measures (and the
-per-layer ones) against without, best of --repeats each, and ends with
-`measures_overhead: <(with - without) / without>`, the extras' share of the validation time (CPU
-time on a CPU: see measures_overhead).
+per-layer ones) against without, --repeats interleaved rounds after a warm-up, and ends with
+`measures_overhead: <(median with - median without) / median without>`, the extras' share of the
+validation time (CPU time on a CPU: see measures_overhead).
 """
 import argparse
 import os
@@ -30,10 +36,13 @@ import numpy as np
 import scipy.linalg
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import ROUNDS, SYNTHETIC, check_model_fits, interleaved, median, spread, synthetic  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))
 import datasets  # noqa: E402
 import models  # noqa: E402
-from args import add_model_args  # noqa: E402
+from args import add_model_args, positive_int  # noqa: E402
 from validate_NC import TrainingSetMetrics, last_layer, parse_measures, select_layers, training_set_metrics  # noqa: E402
 
 
@@ -42,35 +51,33 @@ def get_args(argv=None):
     add_model_args(p)  # the training scripts' model flags
     p.set_defaults(model="MLP")
     p.add_argument("--dataset", default="mnist_sample",
-                   help="a data set name, or 'synthetic' for random CIFAR-shaped images")
+                   help="a data set name, or synthetic (random CIFAR-shaped images) or synthetic_mini "
+                        "(random mini-ImageNet-shaped ones: 84x84, 100 classes)")
     p.add_argument("--data_dir", default="~/data")
     p.add_argument("--num_samples", type=int, default=None, help="training images used (default: all)")
-    p.add_argument("--num_classes", type=int, default=10, help="classes of the synthetic data")
+    p.add_argument("--num_classes", type=positive_int, default=None,
+                   help="classes of the synthetic data (default: 10, or 100 for synthetic_mini)")
     p.add_argument("--checkpoint", default=None, help="a state_dict to load (default: the random initialisation)")
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers of the reference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--measures", nargs="+", default=["paper"], help="also time these extra measures (all, or names)")
     p.add_argument("--layers", nargs="*", default=None, help="also time the per-layer measures (of these layers)")
-    p.add_argument("--repeats", type=int, default=3, help="timings of the overhead: best of this many")
+    p.add_argument("--rounds", type=positive_int, default=ROUNDS, help="timed runs of each side, interleaved")
+    p.add_argument("--repeats", type=positive_int, default=ROUNDS,
+                   help="timings of the overhead: the median of this many interleaved rounds")
     return p.parse_args(argv)
 
 
 def get_data(args):
-    if args.dataset == "synthetic":
-        g = np.random.default_rng(0)
-        n = args.num_samples or 50000
-        labels = np.arange(n) % args.num_classes
-        images = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        return images, labels, datasets.CIFAR10_STATS, args.num_classes
+    check_model_fits(args.model, args.dataset)
+    if args.dataset in SYNTHETIC:
+        images, _, stats, K = synthetic(args.dataset, args.num_samples or 50000)
+        K = args.num_classes or K
+        return images, np.arange(len(images)) % K, stats, K
     data = datasets.load_data(args.dataset, args.data_dir)
     keep = datasets.first_per_class(data.train_labels, (args.num_samples or len(data.train_labels)) // data.num_classes)
     return data.train_images[keep], data.train_labels[keep], (data.mean, data.std), data.num_classes
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -169,14 +176,6 @@ def forward_batches(model, loader, device):
     return out
 
 
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t
-
-
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
@@ -194,19 +193,21 @@ def main(argv=None):
     slow = datasets.torch_loader(data, True, args.batch_size, shuffle=False, num_workers=args.num_workers,
                                  augment=False)
 
-    # End to end: each pipeline from uint8 images to metrics. Ours is warmed up first (cuDNN
-    # autotuning, allocator); the reference's DataLoader starts its workers inside the timing,
-    # as each validation of the authors' code does.
-    training_set_metrics(model, fast, K)
-    ours, t_ours = timed(lambda: training_set_metrics(model, fast, K), device)
-    ref, t_ref = timed(lambda: reference_metrics(forward_batches(model, slow, device), W, b, K, device), device)
+    # End to end: each pipeline from uint8 images to metrics. The warm-up round tunes cuDNN and
+    # fills the allocator; the reference's DataLoader starts its workers inside each timing, as
+    # each validation of the authors' code does.
+    end_to_end = {"ours": lambda: training_set_metrics(model, fast, K),
+                  "reference": lambda: reference_metrics(forward_batches(model, slow, device), W, b, K, device)}
+    t_e2e, last = interleaved(end_to_end, args.rounds, device)
+    ours, ref = last["ours"], last["reference"]
 
     # After the forward pass: the same features, logits and labels for both.
     batches = forward_batches(model, fast, device)
-    _, t_fwd = timed(lambda: forward_batches(model, fast, device), device)
-    ours_after_forward(batches, W, b, K, device)
-    ours2, t_ours2 = timed(lambda: ours_after_forward(batches, W, b, K, device), device)
-    ref2, t_ref2 = timed(lambda: reference_metrics(batches, W, b, K, device), device)
+    after = {"ours": lambda: ours_after_forward(batches, W, b, K, device),
+             "reference": lambda: reference_metrics(batches, W, b, K, device),
+             "forward": lambda: forward_batches(model, fast, device)}
+    t_after, last = interleaved(after, args.rounds, device)
+    ours2, ref2 = last["ours"], last["reference"]
 
     print(f"{'':16s}{'ours':>14s}{'reference':>14s}{'rel. diff':>12s}")
     for key in ref2:
@@ -214,12 +215,20 @@ def main(argv=None):
         print(f"{key:16s}{ours2[key]:14.6g}{ref2[key]:14.6g}{diff:12.2e}")
         if key.startswith("NC") and diff > 1e-3:
             raise SystemExit(f"error: {key} differs by {diff:.2e} relative (more than 1e-3)")
-    assert abs(ours["collapse_metric"] - ref["NC1"]) <= 1e-3 * abs(ref["NC1"])
-    print(f"forward pass alone (device-resident data): {t_fwd:.3f} s")
-    print(f"end to end:          ours {t_ours:.3f} s, reference {t_ref:.3f} s")
-    print(f"after forward pass:  ours {t_ours2:.3f} s, reference {t_ref2:.3f} s")
-    print(f"end_to_end_ratio: {t_ref / t_ours:.1f}")
-    print(f"ratio: {t_ref2 / t_ours2:.1f}")
+    diff = abs(ours["collapse_metric"] - ref["NC1"]) / abs(ref["NC1"])
+    if diff > 1e-3:
+        raise SystemExit(f"error: end to end, NC1 differs by {diff:.2e} relative (more than 1e-3)")
+    print(f"NC1-NC4 agree to 1e-3 relative, after the forward pass and end to end; times are medians over "
+          f"{args.rounds} round{'s' * (args.rounds != 1)} (min-max, +- half the range)")
+    ratio_e2e = [r / o for r, o in zip(t_e2e["reference"], t_e2e["ours"])]
+    ratio_after = [r / o for r, o in zip(t_after["reference"], t_after["ours"])]
+    print(f"forward pass alone (device-resident data): {spread(t_after['forward'])} s")
+    print(f"end to end (headline):  ours {spread(t_e2e['ours'])} s, reference {spread(t_e2e['reference'])} s, "
+          f"ratio {spread(ratio_e2e, '{:.1f}')}")
+    print(f"after the forward pass: ours {spread(t_after['ours'])} s, reference {spread(t_after['reference'])} s, "
+          f"ratio {spread(ratio_after, '{:.1f}')}")
+    print(f"end_to_end_ratio: {median(ratio_e2e):.1f}")
+    print(f"ratio: {median(ratio_after):.1f}")
     measures = parse_measures(args.measures)
     layers = () if args.layers is None else select_layers(model, args.layers)
     if measures or layers:
@@ -227,30 +236,22 @@ def main(argv=None):
 
 
 def measures_overhead(model, loader, K, measures, layers, device, repeats):
-    """The extras' share of the training set's validation: (with - without) / without, each the best of
-    `repeats` interleaved runs, in CPU seconds of this process on a CPU (other processes on a shared
-    machine disturb them far less than wall-clock seconds) and in wall-clock seconds on a GPU.
-    Prints it last."""
+    """The extras' share of the training set's validation: (with - without) / without, each the median
+    of `repeats` interleaved rounds after a warm-up, in CPU seconds of this process on a CPU (other
+    processes on a shared machine disturb them far less than wall-clock seconds) and in wall-clock
+    seconds on a GPU. Prints it last."""
     clock = time.process_time if device.type == "cpu" else time.perf_counter
-
-    def run(*extras):
-        sync(device)
-        t = clock()
-        training_set_metrics(model, loader, K, *extras)
-        sync(device)
-        return clock() - t
-
-    run(measures, layers)  # warm-up
-    plain, extra = [], []
-    for _ in range(repeats):
-        plain.append(run())
-        extra.append(run(measures, layers))
-    t0, t1 = min(plain), min(extra)
+    sides = {"plain": lambda: training_set_metrics(model, loader, K),
+             "extra": lambda: training_set_metrics(model, loader, K, measures, layers)}
+    seconds, _ = interleaved(sides, repeats, device, clock=clock)
+    t0, t1 = median(seconds["plain"]), median(seconds["extra"])
     what = ", ".join(measures) + (f"; layers {', '.join(layers)}" if layers else "")
     unit = "CPU s" if device.type == "cpu" else "s"
-    print(f"validation of the training set: {t0:.3f} {unit}; with {what}: {t1:.3f} {unit}")
+    print(f"validation of the training set: {spread(seconds['plain'])} {unit}; with {what}: "
+          f"{spread(seconds['extra'])} {unit} (medians over {repeats} rounds)")
     print(f"measures_overhead: {(t1 - t0) / t0:.3f}")
     return t0, t1
+
 
 if __name__ == "__main__":
     main()
