@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The device checks of issues 3 and 5, LBFGS and mini-ImageNet-shaped data, in one short run on a GPU machine:
+# Every GPU figure of the README in one short run on a GPU machine, most important first: the GPU-only
+# tests, the evidence for the CUDA-graph default (bench/graph_parity.py), validation, training with the
+# default (CUDA graphs) and eager (--no_cuda_graph), LBFGS, mini-ImageNet-shaped data, concurrent runs,
+# NC measured in the run, and the scripts themselves.
 #   bash bench/gpu_check.sh [out_dir]            # every step
-#   ONLY="train_sota train_sota_graph" bash bench/gpu_check.sh out   # some steps
+#   ONLY="graph_parity train_sota" bash bench/gpu_check.sh out   # some steps
 # Writes each step's output to out_dir (default: bench_out/) and echoes its end.
 # SMALL=1 runs the same steps at toy sizes, to try the script on a CPU.
 set -u
@@ -13,10 +16,11 @@ export PYTHONUNBUFFERED=1
 # timed before. LBFGS: 5,120 images (10 steps of ~25 closure evaluations each); mini-ImageNet-shaped:
 # 5,000 training images (~7x a CIFAR image's convolution work with --SOTA's stride-1 stem) and 10,000
 # validated (100 per class). Estimated (not yet timed) for an H200: under 8 minutes in all, with --compile.
-dev=cuda; n_val=20000; n_train=12800; n_nc=50000; epochs=2; subset=""; graph="--cuda_graph"
+dev=cuda; n_val=20000; n_train=12800; n_nc=50000; epochs=2; subset=""; parity=""
 n_lbfgs=5120; lbfgs_batch=512; n_mini=5000; mini_batch=128; n_mini_val=10000; mini_classes=100
 rounds=""  # the benches' default: a warm-up and 3 interleaved rounds per side
-if [ "${SMALL:-0}" = 1 ]; then dev=cpu; n_val=100; n_train=64; n_nc=64; epochs=1; subset="--sample_size 10"; graph=""
+if [ "${SMALL:-0}" = 1 ]; then dev=cpu; n_val=100; n_train=64; n_nc=64; epochs=1; subset="--sample_size 10"
+  parity="--model MLP --width 16 --depth 1 --sample_size 5 --epochs 2"
   # On a (shared, 2-core) CPU only the script is under test, not the sizes: ResNet-18 costs seconds
   # per image at 84x84 with the stride-1 stem, so a handful of images, 2 per class of 10 classes
   # for the mini validation's NC, and one timed round
@@ -32,29 +36,37 @@ step() {  # step NAME COMMAND...: run it (unless ONLY leaves it out), keep its l
 }
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 bench="python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_train --device $dev $rounds"
+# The tests that need a GPU (skipped on the CPU): CUDA-graph steps against eager, the graphed LBFGS
+# closure, validation's graphed forward pass, NCStats without host syncs
+step gpu_tests python3 -m pytest -q -x tests/test_cuda_graph.py tests/test_fold.py tests/test_nc.py
+# The condition for CUDA graphs by default: a 3-epoch run with graphs within the spread of two eager ones
+step graph_parity python3 bench/graph_parity.py --device $dev $parity
 step validate python3 bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_val --device $dev $rounds
+# (b) trains as the scripts do by default (CUDA graphs on a GPU), and eagerly with --no_cuda_graph
 step train_sota $bench --SOTA
-step train_sota_graph $bench --SOTA $graph
-step train_plain $bench
-step train_plain_graph $bench $graph
-step train_sota_bf16_compile $bench --SOTA --amp bf16 --compile
-step train_sota_bf16_graph $bench --SOTA --amp bf16 $graph
+step train_sota_eager $bench --SOTA --no_cuda_graph
 # LBFGS (history 10, strong Wolfe, lr 0.1), plain ResNet-18, batch 512, CIFAR-shaped (target ratio >= 3)
-step train_lbfgs python3 bench/train.py --model resnet18 --dataset synthetic --optimizer LBFGS --num_samples $n_lbfgs --batch_size $lbfgs_batch --device $dev $rounds
+lbfgs="python3 bench/train.py --model resnet18 --dataset synthetic --optimizer LBFGS --num_samples $n_lbfgs --batch_size $lbfgs_batch --device $dev $rounds"
+step train_lbfgs $lbfgs
+step train_lbfgs_eager $lbfgs --no_cuda_graph
 # mini-ImageNet-shaped data (84x84, 100 classes), --SOTA: training, and one checkpoint's validation
 step train_mini python3 bench/train.py --model resnet18 --SOTA --dataset synthetic_mini --num_samples $n_mini --batch_size $mini_batch --device $dev $rounds
 step validate_mini python3 bench/validate.py --model resnet18 --SOTA --dataset synthetic_mini --num_samples $n_mini_val --num_classes $mini_classes --device $dev $rounds
+step train_plain $bench
+step train_plain_eager $bench --no_cuda_graph
+step train_sota_bf16 $bench --SOTA --amp bf16
+step train_sota_bf16_compile $bench --SOTA --amp bf16 --compile
 # several runs at once on one GPU (experiments.py --jobs N): target ratio >= 2.5 at N = 4
 step jobs python3 bench/jobs.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_train --device $dev --jobs 2 4 8
 # NC measured in the run: 50,000 + 10,000 CIFAR-shaped images, as CIFAR-10 (target nc_overhead <= 0.25)
 step train_sota_nc python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_nc --device $dev --SOTA --nc_every 1 $rounds
-# The scripts themselves: train, resume one more epoch, validate; and the same run with CUDA graphs.
+# The scripts themselves: train (the default: graphs on a GPU), resume one more epoch, validate; and eagerly.
 run=/tmp/gpu_runs
 rm -rf $run
 common="--dataset mnist_sample --SOTA --lr 0.05 --save_dir $run --device $dev $subset"
-step train_script python3 train_1st_order.py $common --epochs $epochs --uid eager
-step resume_script python3 train_1st_order.py --uid eager --save_dir $run --resume --epochs $((epochs + 1)) --device $dev
-step validate_script python3 validate_NC.py --load_path $run/eager --device $dev
-step graph_script python3 train_1st_order.py $common --epochs $((epochs + 1)) --uid graph $graph
-for r in eager graph; do [ -f $run/$r/train_log.txt ] && cp $run/$r/train_log.txt "$out/train_log_$r.txt"; done
+step train_script python3 train_1st_order.py $common --epochs $epochs --uid default
+step resume_script python3 train_1st_order.py --uid default --save_dir $run --resume --epochs $((epochs + 1)) --device $dev
+step validate_script python3 validate_NC.py --load_path $run/default --device $dev
+step eager_script python3 train_1st_order.py $common --epochs $((epochs + 1)) --uid eager --no_cuda_graph
+for r in default eager; do [ -f $run/$r/train_log.txt ] && cp $run/$r/train_log.txt "$out/train_log_$r.txt"; done
 grep -h "^epoch" "$out"/train_log_*.txt 2>/dev/null

@@ -50,7 +50,7 @@ import validate_NC  # noqa: E402
 from args import VALIDATION_BATCH  # noqa: E402
 from train_1st_order import first_order_step  # noqa: E402
 from train_2nd_order import make_lbfgs_step  # noqa: E402
-from utils import UserError, make_criterion, make_optimizer, run_main  # noqa: E402
+from utils import make_criterion, make_optimizer, run_main  # noqa: E402
 
 SGD_LR = 0.05  # the paper's SGD runs
 LBFGS_LR, LBFGS_HISTORY = 0.1, 10  # the paper's LBFGS run
@@ -73,7 +73,11 @@ def get_args(argv=None):
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--cuda_graph", action="store_true", help="(b) replays each step as one CUDA graph")
+    graph = p.add_mutually_exclusive_group()  # as the training scripts: (b) graphs on a GPU unless told not to
+    graph.add_argument("--cuda_graph", dest="cuda_graph", action="store_const", const=True, default=None,
+                       help="(b) insists on CUDA graphs (the default on a GPU)")
+    graph.add_argument("--no_cuda_graph", dest="cuda_graph", action="store_const", const=False,
+                       help="(b) eager steps, even on a GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=positive_int, default=ROUNDS, help="timed passes of each pipeline, interleaved")
     p.add_argument("--nc_every", type=int, default=0, help="also time the NC pass of training with --nc_every N")
@@ -181,15 +185,12 @@ def authors_lbfgs_epoch(model, loader, optimizer, device, num_classes=10, weight
 
 
 def our_step(margs, device):
-    """The step training.main builds for these options.
-
-    HOOK: when training.build_step(args, make_step, device) lands (it will also wrap LBFGS's
-    closure in a CUDA graph), this body becomes
-        return training.build_step(margs, make_lbfgs_step if lbfgs else lambda a: first_order_step, device)
-    and the --cuda_graph refusal for LBFGS in main() goes."""
-    lbfgs = margs.optimizer == "LBFGS"
-    step = make_lbfgs_step(margs) if lbfgs else first_order_step
-    return training.CUDAGraphStep(step) if margs.cuda_graph else step
+    """The step training.main builds for these options (on a GPU a CUDA graph unless --no_cuda_graph)."""
+    make_step = make_lbfgs_step if margs.optimizer == "LBFGS" else (lambda a: first_order_step)
+    step, note = training.build_step(margs, make_step, device)
+    if note:
+        print(note)
+    return step
 
 
 def with_autotuner(on, run):
@@ -200,23 +201,18 @@ def with_autotuner(on, run):
     return run_with
 
 
-def check(args, device):
-    if args.cuda_graph and device.type != "cuda":
-        raise UserError(f"--cuda_graph needs a CUDA device, and this run is on {device}; drop the flag")
-    if args.cuda_graph and args.optimizer == "LBFGS":
-        raise UserError("--cuda_graph replays first-order steps only (LBFGS's line search decides on the host); "
-                        "drop the flag")
+def graph_mode(args, device):
+    return {True: "asked", False: "off"}.get(args.cuda_graph, "auto (on)" if device.type == "cuda" else "auto (off: CPU)")
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    check(args, device)
     raw, images, labels, transform, (mean, std), augment = get_data(args)
     n, K = len(labels), num_classes(args)
     print(f"{args.model}{' --SOTA' if args.SOTA else ''}, {args.optimizer}, batch {args.batch_size}, "
           f"{n} {args.dataset} images per pass, {K} classes, amp {args.amp}, compile {args.compile}, "
-          f"CUDA graph {args.cuda_graph}, {args.rounds} interleaved round{'s' * (args.rounds != 1)}, {device}"
+          f"CUDA graph {graph_mode(args, device)}, {args.rounds} interleaved round{'s' * (args.rounds != 1)}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     # (a) the authors' pipeline
     margs, model_a = build(args, device)
