@@ -106,7 +106,9 @@ def build_step(args, make_step, device, distributed=False):
     if distributed:  # --cuda_graph itself is refused before this, by check_torchrun
         return step, "note: eager steps, no CUDA graph: under torchrun DDP's gradient all-reduce is not captured"
     graphed = getattr(step, "graphed", None)
-    return (graphed() if graphed is not None else CUDAGraphStep(step)), None
+    graph_step = graphed() if graphed is not None else CUDAGraphStep(step)
+    graph_step.fallback = args.cuda_graph is None  # the default: a step that fails to capture runs eagerly
+    return graph_step, None
 
 
 def on_side_stream(fn, *args):
@@ -166,15 +168,22 @@ class CUDAGraphStep:
     so the numbers are too. The graph has the shape of the first batch; batches of another size
     (the last of an epoch) run eagerly. The learning rate is baked into a first-order step's graph,
     so it is captured again when the rate changes. Subclasses (the LBFGS step) change what is
-    captured (capture) and how a step uses it (run)."""
+    captured (capture) and how a step uses it (run).
+
+    With `fallback` (the default's graphs, not --cuda_graph's), a step whose capture fails is said
+    in one line and the run goes on eagerly from that batch on: nothing has run yet when a capture
+    fails (it only records), so no batch is lost or applied twice."""
+
+    fallback = False
 
     def __init__(self, step):
         self.step, self.captured, self.shape, self.warm, self.baked = step, None, None, 0, None
+        self.eager = False  # set for good when a capture failed
 
     def __call__(self, optimizer, objective, x, y):
         if self.shape is None:
             self.shape = x.shape
-        if x.shape != self.shape:
+        if x.shape != self.shape or self.eager:
             return self.step(optimizer, objective, x, y)
         baked = self.baked_in(optimizer)
         if baked != self.baked:
@@ -184,7 +193,16 @@ class CUDAGraphStep:
                 if self.warm < WARMUP:
                     self.warm += 1
                     return on_side_stream(self.step, optimizer, objective, x, y)
-                self.captured = self.capture(optimizer, objective, x, y)
+                try:
+                    self.captured = self.capture(optimizer, objective, x, y)
+                except RuntimeError as e:
+                    if not self.fallback:
+                        raise
+                    self.eager = True
+                    print(f"note: the training step cannot be captured as a CUDA graph "
+                          f"({' '.join(str(e).split())[:160]}); training on eagerly (--no_cuda_graph "
+                          "says so from the start)", file=sys.stderr)
+                    return self.step(optimizer, objective, x, y)
             else:
                 self.captured.load(x, y)
             return self.run(optimizer)

@@ -197,6 +197,26 @@ def test_graphed_steps_give_the_eager_numbers_bitwise(rerun_graphs, flags):
         assert [r.replays for r in rerun_graphs] == [1, 2]
 
 
+@pytest.mark.parametrize("flags", [FIRST_ORDER[0], LBFGS[0]])
+def test_a_default_graph_that_fails_to_capture_trains_on_eagerly_with_a_note(rerun_graphs, monkeypatch, capsys, flags):
+    def fails(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(training, "Captured", fails)
+    eager_losses, eager_params = trained(flags, None)
+
+    def default(step):  # as build_step makes it when --cuda_graph is not given
+        wrapped = graphed(step)
+        wrapped.fallback = True
+        return wrapped
+    losses, params = trained(flags, default)
+    assert torch.equal(losses, eager_losses)  # no batch lost or applied twice
+    assert all(torch.equal(a, b) for a, b in zip(params, eager_params))
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: the training step cannot be captured as a CUDA graph")
+    with pytest.raises(RuntimeError, match="stream is capturing"):  # --cuda_graph insists: the error stands
+        trained(flags, graphed)
+
+
 def test_make_capturable_moves_adams_step_counters():
     args, net, optimizer, objective, batches = setup(FIRST_ORDER[1])
     train_1st_order.first_order_step(optimizer, objective, *batches[0])
