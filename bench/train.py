@@ -122,24 +122,32 @@ def build(args, device):
     return margs, models.build_model(margs, num_classes(args)).to(device)
 
 
-def authors_epoch(model, loader, optimizer, device, num_classes=10):
-    """A step as the authors' trainer makes it, then a second forward pass for the accuracy."""
-    criterion = torch.nn.MSELoss()
+def authors_epoch(model, loader, device, update):
+    """A pass as the authors' trainers make it: per batch `update(x, y)` (their step, which returns
+    the loss), the loss fetched for the log, then a second, eval-mode forward pass for the accuracy."""
     correct = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         model.train()
-        logits, _ = model(x)
-        loss = criterion(logits, F.one_hot(y, num_classes).float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        _ = loss.item()  # logged every step
+        _ = update(x, y).item()  # logged every step
         model.eval()
         with torch.no_grad():
             logits, _ = model(x)
         correct += (logits.argmax(1) == y).sum().item()
     return correct
+
+
+def authors_sgd_update(model, optimizer, num_classes):
+    criterion = torch.nn.MSELoss()
+
+    def update(x, y):
+        logits, _ = model(x)
+        loss = criterion(logits, F.one_hot(y, num_classes).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+    return update
 
 
 class Counted:
@@ -154,18 +162,13 @@ class Counted:
         return self.fn(*args)
 
 
-def authors_lbfgs_epoch(model, loader, optimizer, device, num_classes=10, weight_decay=WEIGHT_DECAY,
-                        forward=None):
-    """An LBFGS step as the authors' second-order trainer makes it (the closure re-evaluates the
-    loss with its weight-decay penalty at each point of the line search), then the accuracy's
-    forward pass. `forward` (default: the model) runs the closure's forward pass."""
+def authors_lbfgs_update(model, optimizer, num_classes, weight_decay=WEIGHT_DECAY, forward=None):
+    """The authors' second-order step: the closure re-evaluates the loss with its weight-decay penalty
+    at each point of the line search. `forward` (default: the model) runs the closure's forward pass."""
     criterion = torch.nn.MSELoss()
     forward = forward or model
-    correct = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        model.train()
 
+    def update(x, y):
         def closure():
             logits, _ = forward(x)
             loss = criterion(logits, F.one_hot(y, num_classes).float())
@@ -174,14 +177,8 @@ def authors_lbfgs_epoch(model, loader, optimizer, device, num_classes=10, weight
             optimizer.zero_grad()
             loss.backward()
             return loss
-
-        loss = optimizer.step(closure)  # the loss at the step's first evaluation
-        _ = loss.item()  # logged every step
-        model.eval()
-        with torch.no_grad():
-            logits, _ = model(x)
-        correct += (logits.argmax(1) == y).sum().item()
-    return correct
+        return optimizer.step(closure)  # the loss at the step's first evaluation
+    return update
 
 
 def our_step(margs, device):
@@ -223,12 +220,13 @@ def main(argv=None):
         optimizer_a = torch.optim.LBFGS(model_a.parameters(), lr=LBFGS_LR, history_size=LBFGS_HISTORY,
                                         line_search_fn="strong_wolfe")
         forward_a = Counted(model_a)
-        run_a = lambda: authors_lbfgs_epoch(model_a, loader, optimizer_a, device, K, forward=forward_a)
+        update_a = authors_lbfgs_update(model_a, optimizer_a, K, forward=forward_a)
     else:
         optimizer_a = torch.optim.SGD(model_a.parameters(), lr=SGD_LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
-        run_a = lambda: authors_epoch(model_a, loader, optimizer_a, device, K)
+        update_a = authors_sgd_update(model_a, optimizer_a, K)
 
-    run_a = with_autotuner(False, run_a)  # the authors' code leaves cuDNN's autotuner off
+    # the authors' code leaves cuDNN's autotuner off
+    run_a = with_autotuner(False, lambda: authors_epoch(model_a, loader, device, update_a))
 
     # (b) ours, with the autotuner on a GPU, as training.main sets it
     margs, model = build(args, device)
