@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from utils import UserError
+
 pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,12 +94,11 @@ def test_rounds_alternate_their_order_after_one_warm_up_of_each_side():
 
 
 def test_train_bench_refuses_a_32x32_model_on_mini_imagenet_shaped_images():
-    out = subprocess.run([sys.executable, "bench/train.py", "--dataset", "synthetic_mini", "--model", "MLP"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.strip().splitlines() == [
-        "error: --model MLP takes 3x32x32 images, not synthetic_mini's 84x84: use --model resnet18 "
-        "(the ResNets take any size)"]
+    train = bench_module("train")
+    with pytest.raises(UserError) as e:
+        train.main(["--dataset", "synthetic_mini", "--model", "MLP"])
+    assert str(e.value) == ("--model MLP takes 3x32x32 images, not synthetic_mini's 84x84: use --model resnet18 "
+                            "(the ResNets take any size)")
 
 
 def test_train_bench_times_lbfgs_and_the_nc_pass():
@@ -121,9 +122,11 @@ def test_train_bench_on_mini_imagenet_shaped_images():
 
 
 def test_validate_bench_on_mini_imagenet_shaped_images_checks_nc_and_ends_with_both_ratios():
+    # 84x84 images; 10 classes of 4 (the 100-class default is the training test's), so that NC1 is not trivial
     lines = run_bench("bench/validate.py", "--model", "resnet18", "--dataset", "synthetic_mini", "--num_samples",
-                      "200", "--batch_size", "100", "--num_workers", "0", "--device", "cpu", "--rounds", "1")
-    assert "d = 512, K = 100" in lines[0]
+                      "40", "--num_classes", "10", "--batch_size", "20", "--num_workers", "0", "--device", "cpu",
+                      "--rounds", "1")
+    assert "40 synthetic_mini images, d = 512, K = 10" in lines[0]
     assert any(line.startswith("NC1-NC4 agree to 1e-3 relative") for line in lines)
     assert lines[-2].startswith("end_to_end_ratio: ") and float(lines[-2].split()[1]) > 0
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0

@@ -29,6 +29,13 @@ def tiny_runbook(tmp_path, monkeypatch):
     return ["--figure", "etf", "--epochs", "1", "--data_dir", str(data), "--run"]
 
 
+def write_done(run):
+    """A run directory that the runbook takes as done: a complete info.pkl of one epoch."""
+    os.makedirs(run)
+    with open(run / rundir.INFO, "wb") as f:
+        pickle.dump({"collapse_metric": [0.5], "epochs": [1]}, f)
+
+
 def infos(root):
     return {uid: load_pickle(os.path.join(root, uid, rundir.INFO)) for uid in runs.figure_runs("etf").values()}
 
@@ -37,14 +44,18 @@ def infos(root):
 
 def test_two_runs_at_a_time_give_the_same_results_as_one(tiny_runbook, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
+    table = list(runs.figure_runs("etf").values())
+    for uid in table[2:]:  # the one-at-a-time reference needs two runs only: the others count as done
+        write_done(one / uid)
     experiments.main(tiny_runbook + ["--root", str(one)])
     experiments.main(tiny_runbook + ["--root", str(two), "--jobs", "2"])
     out = capsys.readouterr().out
-    assert same(infos(one), infos(two))
+    assert same({uid: info for uid, info in infos(one).items() if uid in table[:2]},
+                {uid: info for uid, info in infos(two).items() if uid in table[:2]})
     for uid in runs.figure_runs("etf").values():  # each run's output in its own log
         assert "trained epochs 1-1" in (two / uid / rundir.RUNBOOK_LOG).read_text()
         assert not (one / uid / rundir.RUNBOOK_LOG).exists()
-    assert out.count("finished: python") == 8 and os.path.isfile(tmp_path / "figures" / "plot_etf_mse" / "NC1.png")
+    assert out.count("finished: python") == 2 + 4 and os.path.isfile(tmp_path / "figures" / "plot_etf_mse" / "NC1.png")
     # a rerun finds every run done: nothing is trained again
     experiments.main(tiny_runbook + ["--root", str(two), "--jobs", "2"])
     out = capsys.readouterr().out
@@ -56,10 +67,8 @@ def test_slurm_submission_through_submitits_local_executor(tiny_runbook, tmp_pat
     two jobs, which train on this machine; their ids are written down."""
     root = tmp_path / "runs"
     table = list(runs.figure_runs("etf").values())
-    for uid in table[:2]:  # two runs done already (a complete info.pkl of one epoch)
-        os.makedirs(root / uid)
-        with open(root / uid / rundir.INFO, "wb") as f:
-            pickle.dump({"collapse_metric": [0.5], "epochs": [1]}, f)
+    for uid in table[:2]:  # two runs done already
+        write_done(root / uid)
     argv = [a for a in tiny_runbook if a != "--run"] + ["--root", str(root), "--slurm", "--cluster", "local"]
     experiments.main(argv)
     out = capsys.readouterr().out
