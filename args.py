@@ -26,18 +26,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text):
+def int_at_least(text, low, requirement):
+    """int(text), refused in argparse's way (naming `requirement`) when below `low`."""
     value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
     return value
+
+
+def positive_int(text):
+    return int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return int_at_least(text, 0, "an integer >= 0")
 
 
 def seed_int(text):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import nc
 import rundir
-from args import Parser, nonnegative_float, path, positive_float, positive_int, seed_int
+from args import Parser, int_at_least, nonnegative_float, path, positive_float, positive_int, seed_int
 from losses import MSELoss, RescaledMSELoss
 from utils import UserError, run_main, save_json
 
@@ -504,10 +504,7 @@ def make_ufm(args):
 
 
 def at_least_two(text):
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text}")
-    return value
+    return int_at_least(text, 2, "an integer >= 2")
 
 
 def parser():

@@ -1,6 +1,7 @@
 """Shared fixtures: the repository on sys.path, tiny fake data sets, a tiny training command line."""
 import os
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -86,6 +87,18 @@ def refused(capsys, main, *args):
     assert e.value.code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+def train_tiny(root, flags):
+    """The directory of a run named "tiny" that train_1st_order.py trains with these flags under root."""
+    import train_1st_order
+    train_1st_order.main(list(flags) + ["--save_dir", str(root), "--uid", "tiny"])
+    return os.path.join(str(root), "tiny")
+
+
+def unvalidated_copy(run_dir, dest):
+    """A private copy of a run directory (tests may damage it) without its NC results."""
+    return str(shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("nc_results", "info.pkl")))
 
 
 def load_pickle(path):

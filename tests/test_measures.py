@@ -11,9 +11,8 @@ import torch
 
 import models
 import nc
-import train_1st_order
 import validate_NC
-from conftest import refused
+from conftest import refused, train_tiny, unvalidated_copy
 from models import simplex_etf
 from utils import UserError
 
@@ -236,14 +235,12 @@ TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "16", "--depth
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    train_1st_order.main(TINY + ["--epochs", "2", "--save_dir", str(root), "--uid", "tiny"])
-    return str(root / "tiny")
+    return train_tiny(tmp_path_factory.mktemp("runs"), TINY + ["--epochs", "2"])
 
 
 @pytest.fixture
 def run_copy(trained_run, tmp_path):
-    return str(shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("nc_results", "info.pkl")))
+    return unvalidated_copy(trained_run, tmp_path / "run")
 
 
 def info_bytes(run_dir):

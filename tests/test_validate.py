@@ -1,7 +1,5 @@
 """validate_NC.py end to end on short mnist_sample runs."""
 import os
-import pickle
-import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +8,8 @@ import torch
 import datasets
 import models
 import nc
-import train_1st_order
 import validate_NC
+from conftest import load_pickle, train_tiny, unvalidated_copy
 
 TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "60",
         "--lr", "0.05", "--device", "cpu", "--batch_size", "64"]
@@ -19,20 +17,17 @@ TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    train_1st_order.main(TINY + ["--epochs", "3", "--save_dir", str(root), "--uid", "tiny"])
-    return str(root / "tiny")
+    return train_tiny(tmp_path_factory.mktemp("runs"), TINY + ["--epochs", "3"])
 
 
 @pytest.fixture
 def run_copy(trained_run, tmp_path):
     """A private copy of the trained run, so that tests may damage it."""
-    return shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("nc_results", "info.pkl"))
+    return unvalidated_copy(trained_run, tmp_path / "run")
 
 
 def load_info(run_dir):
-    with open(os.path.join(run_dir, "info.pkl"), "rb") as f:
-        return pickle.load(f)
+    return load_pickle(os.path.join(run_dir, "info.pkl"))
 
 
 def test_info_pkl_has_every_key_and_one_entry_per_epoch(run_copy, capsys):
