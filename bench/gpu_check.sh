@@ -5,7 +5,7 @@
 # NC measured in the run, and the scripts themselves.
 #   bash bench/gpu_check.sh [out_dir]            # every step
 #   ONLY="graph_parity train_sota" bash bench/gpu_check.sh out   # some steps
-# Writes each step's output to out_dir (default: bench_out/) and echoes its end.
+# Writes each step's output to out_dir (default: bench_out/) and echoes its end; exits 1 if a step failed.
 # SMALL=1 runs the same steps at toy sizes, to try the script on a CPU.
 set -u
 out=${1:-bench_out}
@@ -33,7 +33,9 @@ step() {  # step NAME COMMAND...: run it (unless ONLY leaves it out), keep its l
   "$@" > "$out/$name.txt" 2>&1; local rc=$?
   grep -v -e Warning -e check_worker "$out/$name.txt" | tail -n 16
   echo "=== $name: exit $rc after $((SECONDS - t)) s"
+  [ $rc -eq 0 ] || failed="$failed $name"
 }
+failed=""
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 bench="python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_train --device $dev $rounds"
 # The tests that need a GPU (skipped on the CPU): CUDA-graph steps against eager, the graphed LBFGS
@@ -69,4 +71,7 @@ step resume_script python3 train_1st_order.py --uid default --save_dir $run --re
 step validate_script python3 validate_NC.py --load_path $run/default --device $dev
 step eager_script python3 train_1st_order.py $common --epochs $((epochs + 1)) --uid eager --no_cuda_graph
 for r in default eager; do [ -f $run/$r/train_log.txt ] && cp $run/$r/train_log.txt "$out/train_log_$r.txt"; done
-grep -h "^epoch" "$out"/train_log_*.txt 2>/dev/null
+cat "$out"/train_log_*.txt 2>/dev/null | grep "^epoch"
+# the exit status: 0 when every step that ran exited 0
+if [ -n "$failed" ]; then echo "=== failed:$failed"; exit 1; fi
+echo "=== every step exited 0"

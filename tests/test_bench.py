@@ -108,6 +108,11 @@ def test_train_bench_times_lbfgs_and_the_nc_pass():
     assert "LBFGS, batch 32," in lines[0]
     evaluations = next(line for line in lines if line.startswith("closure evaluations per step: "))
     assert float(evaluations.split("(a) ")[1].split(",")[0]) >= 1  # the authors' closure ran, line search included
+    split = next(line for line in lines if line.startswith("per pass: "))  # each pass: evaluating + besides
+    for side in ("(a)", "(b)"):
+        part = split.split(side)[1].split(";")[0]  # " T s = E s evaluating (M ms each) + R s besides"
+        total, evaluating = float(part.split()[0]), float(part.split("= ")[1].split()[0])
+        assert evaluating > 0 and total > 0 and "besides" in part  # (timed apart: no order between them)
     assert float(next(line for line in lines if line.startswith("ratio: ")).split()[1]) > 0
     assert lines[-1].startswith("nc_overhead: ") and float(lines[-1].split()[1]) > 0  # the NC pass ran
 
@@ -128,5 +133,7 @@ def test_validate_bench_on_mini_imagenet_shaped_images_checks_nc_and_ends_with_b
                       "--rounds", "1")
     assert "40 synthetic_mini images, d = 512, K = 10" in lines[0]
     assert any(line.startswith("NC1-NC4 agree to 1e-3 relative") for line in lines)
+    ceiling = next(line for line in lines if line.startswith("our forward pass alone"))
+    assert float(ceiling.split("reference / that = ")[1].split()[0]) > 0
     assert lines[-2].startswith("end_to_end_ratio: ") and float(lines[-2].split()[1]) > 0
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[1]) > 0
