@@ -27,9 +27,9 @@ from args import VALIDATION_BATCH, explicit_args
 from losses import make_criterion, sep_decay_penalty
 from nc import topk_hits
 from optimizers import make_optimizer, make_scheduler, parse_decay_type
-from utils import (Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero, end_distributed,
-                   get_device, init_distributed, rank_device, rng_state, set_rng_state, set_seed, save_torch,
-                   torchrun_env, world)
+from utils import (Captured, Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero,
+                   end_distributed, get_device, init_distributed, on_side_stream, rank_device, rng_state,
+                   set_rng_state, set_seed, save_torch, torchrun_env, world)
 
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
 # Options that may differ from the recorded ones when resuming, because they do not change the
@@ -109,40 +109,6 @@ def build_step(args, make_step, device, distributed=False):
     graph_step = graphed() if graphed is not None else CUDAGraphStep(step)
     graph_step.fallback = args.cuda_graph is None  # the default: a step that fails to capture runs eagerly
     return graph_step, None
-
-
-def on_side_stream(fn, *args):
-    """fn(*args) run eagerly on a side stream, ordered after and before the current stream's work, as
-    the warm-up before a capture should be (lazily created state then belongs to no capture)."""
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        out = fn(*args)
-    current.wait_stream(side)
-    return out
-
-
-class Captured:
-    """fn(*inputs) recorded once as a CUDA graph on static copies of `inputs`. load() copies new
-    inputs into them, replay() runs the recorded kernels and returns fn's outputs, which live in
-    the graph's memory: the next replay overwrites them."""
-
-    def __init__(self, fn, inputs):
-        self.inputs = [t.clone() for t in inputs]
-        self.graph = torch.cuda.CUDAGraph()
-        # Records; nothing runs until replay(). Thread-local: a DataLoader's pin-memory thread may
-        # allocate pinned memory meanwhile, which the global mode would count as breaking the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = fn(*self.inputs)
-
-    def load(self, *inputs):
-        for static, t in zip(self.inputs, inputs):
-            static.copy_(t)
-
-    def replay(self):
-        self.graph.replay()
-        return self.outputs
 
 
 def make_capturable(optimizer):

@@ -1,4 +1,4 @@
-"""Small shared helpers: one-line errors, devices, seeds, and files written whole.
+"""Small shared helpers: one-line errors, devices, CUDA-graph capture, seeds, and files written whole.
 
 The authors' scripts import make_optimizer, make_scheduler, make_criterion and set_seed from here;
 those names keep working (the first three live in optimizers.py and losses.py).
@@ -133,6 +133,42 @@ def rank_device(device_arg):
     if (device_arg is not None and get_device(0, device_arg).type == "cpu") or not torch.cuda.is_available():
         return torch.device("cpu")
     return get_device(local_rank)
+
+
+# ---------------------------------------------------------------------------- CUDA graphs
+
+def on_side_stream(fn, *args):
+    """fn(*args) run eagerly on a side stream, ordered after and before the current stream's work, as
+    the warm-up before a capture should be (lazily created state then belongs to no capture)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    current.wait_stream(side)
+    return out
+
+
+class Captured:
+    """fn(*inputs) recorded once as a CUDA graph on static copies of `inputs`. load() copies new
+    inputs into them, replay() runs the recorded kernels and returns fn's outputs, which live in
+    the graph's memory: the next replay overwrites them."""
+
+    def __init__(self, fn, inputs):
+        self.inputs = [t.clone() for t in inputs]
+        self.graph = torch.cuda.CUDAGraph()
+        # Records; nothing runs until replay(). Thread-local: a DataLoader's pin-memory thread may
+        # allocate pinned memory meanwhile, which the global mode would count as breaking the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn(*self.inputs)
+
+    def load(self, *inputs):
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+
+    def replay(self):
+        self.graph.replay()
+        return self.outputs
 
 
 def set_seed(seed):

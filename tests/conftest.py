@@ -75,6 +75,49 @@ def fake_mini_imagenet(tmp_path_factory):
 
 # ---------------------------------------------------------------------------- helpers the test modules share
 
+class Rerun:
+    """A stand-in for a CUDA graph (utils.Captured) on the CPU: each replay runs the captured function
+    again on the static inputs and copies its outputs into the same tensors, as a replay overwrites them."""
+
+    def __init__(self, fn, inputs):
+        self.fn, self.inputs, self.outputs = fn, [t.clone() for t in inputs], None
+        self.replays = 0
+
+    def load(self, *inputs):
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+
+    def replay(self):
+        self.replays += 1
+        outputs = self.fn(*self.inputs)
+        if self.outputs is None:
+            self.outputs = tuple(o.clone() for o in outputs)
+        else:
+            for static, o in zip(self.outputs, outputs):
+                static.copy_(o)
+        return self.outputs
+
+
+@pytest.fixture
+def rerun_graphs(monkeypatch):
+    """The graphed training steps and validation's graphed forward pass on the CPU: no side stream,
+    graphs replaced by Rerun. Returns the list of the Reruns made, in order."""
+    import contextlib
+    import training
+    import validate_NC
+    made = []
+
+    def rerun(fn, inputs):
+        made.append(Rerun(fn, inputs))
+        return made[-1]
+    for module in (training, validate_NC):
+        monkeypatch.setattr(module, "Captured", rerun)
+        monkeypatch.setattr(module, "on_side_stream", lambda fn, *a: fn(*a))
+    monkeypatch.setattr(training, "make_capturable", lambda optimizer: None)  # CPU Adam has no capturable path
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return made
+
+
 def refused(capsys, main, *args):
     """Run main(*args) as its script does (utils.run_main); the one line it printed. Fails unless the
     exit status is 2 (bad input) and stderr is a single `error: ...` line."""

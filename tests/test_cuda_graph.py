@@ -1,7 +1,6 @@
 """CUDA graphs: where they are used (training.build_step), that the graphed steps' host logic gives
 the eager numbers (on the CPU, with the graph replaced by a re-run of the captured function), and on
 a GPU that the real graphs give the eager numbers."""
-import contextlib
 import json
 import os
 import subprocess
@@ -147,40 +146,6 @@ def test_a_run_records_the_value_given_and_an_old_false_resumes(tiny_argv, capsy
 
 
 # ---------------------------------------------------------------------------- the host logic, on the CPU
-
-class Rerun(training.Captured):
-    """A stand-in for a CUDA graph on the CPU: each replay runs the captured function again on the
-    static inputs and copies its outputs into the same tensors, as a replay overwrites them."""
-
-    def __init__(self, fn, inputs):
-        self.fn, self.inputs, self.outputs = fn, [t.clone() for t in inputs], None
-        self.replays = 0
-
-    def replay(self):
-        self.replays += 1
-        outputs = self.fn(*self.inputs)
-        if self.outputs is None:
-            self.outputs = tuple(o.clone() for o in outputs)
-        else:
-            for static, o in zip(self.outputs, outputs):
-                static.copy_(o)
-        return self.outputs
-
-
-@pytest.fixture
-def rerun_graphs(monkeypatch):
-    """CUDAGraphStep and LBFGSGraphStep on the CPU: no side stream, graphs replaced by Rerun."""
-    made = []
-
-    def rerun(fn, inputs):
-        made.append(Rerun(fn, inputs))
-        return made[-1]
-    monkeypatch.setattr(training, "Captured", rerun)
-    monkeypatch.setattr(training, "on_side_stream", lambda fn, *a: fn(*a))
-    monkeypatch.setattr(training, "make_capturable", lambda optimizer: None)  # CPU Adam has no capturable path
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    return made
-
 
 @pytest.mark.parametrize("flags", FIRST_ORDER + LBFGS)
 def test_graphed_steps_give_the_eager_numbers_bitwise(rerun_graphs, flags):

@@ -79,6 +79,44 @@ def test_layer_hooks_see_the_same_features_in_the_folded_network():
         assert torch.allclose(folded.features[name], plain.features[name], rtol=1e-5, atol=1e-6)
 
 
+def graphed_eval_forward():
+    """(EvalForward of a small MLP with its graph switched on as on a GPU, its folded eager twin, batches:
+    three of the full size, then a smaller last one)."""
+    torch.manual_seed(0)
+    model = trained_statistics(models.MLP(hidden=16, depth=2))
+    forward = validate_NC.EvalForward(model)
+    forward.use_graph = True
+    return forward, fold_batchnorm(model), [torch.randn(8, 3, 32, 32) for _ in range(3)] + [torch.randn(5, 3, 32, 32)]
+
+
+def assert_eager_numbers(forward, eager, batches):
+    for x in batches:
+        z, h = forward(x)
+        with torch.no_grad():
+            z_e, h_e = eager(x)
+        assert torch.equal(z, z_e) and torch.equal(h, h_e)
+
+
+def test_eval_forward_captures_the_first_full_batch_and_replays_it_for_the_others(rerun_graphs):
+    """The host logic of the graphed forward pass on the CPU (a Rerun for the graph): one capture,
+    replayed for each full-size batch with new inputs; the smaller last batch runs eagerly."""
+    forward, eager, batches = graphed_eval_forward()
+    assert_eager_numbers(forward, eager, batches)
+    assert len(rerun_graphs) == 1 and rerun_graphs[0].replays == 3
+
+
+def test_eval_forward_whose_capture_fails_runs_eagerly_after_one_note(rerun_graphs, monkeypatch, capsys):
+    def fails(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(validate_NC, "Captured", fails)
+    forward, eager, batches = graphed_eval_forward()
+    assert_eager_numbers(forward, eager, batches)
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: validation's forward pass cannot be captured as a CUDA "
+                                                   "graph (operation not permitted when stream is capturing)")
+    assert not forward.use_graph
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_eval_forward_replays_a_cuda_graph_with_the_eager_numbers():
     torch.manual_seed(0)
