@@ -153,6 +153,8 @@ class CUDAGraphStep:
             return self.step(optimizer, objective, x, y)
         baked = self.baked_in(optimizer)
         if baked != self.baked:
+            if self.captured is not None:  # the gradients live in the old graph's memory: let it go with them
+                optimizer.zero_grad(set_to_none=True)
             self.captured, self.baked = None, baked
         with torch.cuda.device(x.device):  # streams and capture on the run's GPU (--gpu_id 1 too)
             if self.captured is None:
@@ -372,6 +374,30 @@ def _global_batchnorm(bn, x):
     return out * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else out
 
 
+def match_parameter_layout(optimizer):
+    """Give each optimiser state tensor its parameter's memory layout. A loaded state keeps the layout
+    it was saved in, and a run resumed with another (--deterministic switched: the ResNets become NCHW
+    instead of channels_last; or another device) would hand the fused GPU optimisers state whose
+    strides differ from their parameters'. The values are unchanged."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(value)
+
+
+def resume_data_order(generator, saved, seed):
+    """Go on with the training loader's random order from its saved state, and return None. A state
+    saved by a generator of another kind (the run trained on another device, or through the other
+    loader) cannot be loaded: the generator is seeded with `seed` instead, and a note says so."""
+    try:
+        generator.set_state(saved)
+        return None
+    except RuntimeError:
+        generator.manual_seed(seed)
+        return ("note: the saved data order was drawn on another device or by the other loader and cannot go "
+                f"on here: later epochs are shuffled from seed {seed}, not as an uninterrupted run's")
+
+
 def train(args, step, device, run_dir, note=None):
     """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log."""
     set_seed(args.seed)
@@ -394,7 +420,7 @@ def train(args, step, device, run_dir, note=None):
                                             seed=args.seed, num_workers=args.num_workers,
                                             channels_last=channels_last, share=(rank, size) if distributed else None)
 
-    start, changed = 0, []
+    start, changed, order_note = 0, [], None
     if args.resume:
         if writer:
             rundir.clear(run_dir, rundir.STALE)
@@ -411,10 +437,11 @@ def train(args, step, device, run_dir, note=None):
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            match_parameter_layout(optimizer)
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
-            train_loader.generator.set_state(state["loader_rng"])
             start = state["epoch"]
+            order_note = resume_data_order(train_loader.generator, state["loader_rng"], args.seed + start)
         if writer:
             rundir.truncate_metrics(run_dir, start)  # the epochs after it are trained again
     elif writer:
@@ -427,9 +454,9 @@ def train(args, step, device, run_dir, note=None):
            if distributed else ""))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if writer else (lambda *a, **k: None)
-    if note is not None:
-        log(note)
-        say(note)
+    for line in filter(None, (note, order_note)):
+        log(line)
+        say(line)
     say(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
           f"{data.num_classes} classes), {n_params:,} trainable parameters, {args.optimizer}, {device}")
     measurement, results = None, {}

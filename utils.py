@@ -9,6 +9,7 @@ import pickle
 import random
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -135,7 +136,23 @@ def rank_device(device_arg):
     return get_device(local_rank)
 
 
-# ---------------------------------------------------------------------------- CUDA graphs
+# ---------------------------------------------------------------------------- CUDA: float32 convolutions, graphs
+
+@contextmanager
+def fp32_convolutions():
+    """cuDNN convolutions in IEEE float32 inside. PyTorch lets them round their inputs to TF32 by
+    default (10-bit mantissas: features off by ~1e-3 relative), which training may keep, as the
+    authors' runs did, but measured features must not."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    owner, name, value = (conv, "fp32_precision", "ieee") if hasattr(conv, "fp32_precision") \
+        else (torch.backends.cudnn, "allow_tf32", False)  # torch < 2.9
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
 
 def on_side_stream(fn, *args):
     """fn(*args) run eagerly on a side stream, ordered after and before the current stream's work, as
@@ -157,10 +174,19 @@ class Captured:
     def __init__(self, fn, inputs):
         self.inputs = [t.clone() for t in inputs]
         self.graph = torch.cuda.CUDAGraph()
-        # Records; nothing runs until replay(). Thread-local: a DataLoader's pin-memory thread may
-        # allocate pinned memory meanwhile, which the global mode would count as breaking the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = fn(*self.inputs)
+        stream = torch.cuda.current_stream()
+        try:
+            # Records; nothing runs until replay(). Thread-local: a DataLoader's pin-memory thread may
+            # allocate pinned memory meanwhile, which the global mode would count as breaking the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = fn(*self.inputs)
+        except RuntimeError as e:
+            # When fn breaks the capture, ending it fails too, and torch.cuda.graph then leaves its
+            # capture stream current: the caller's stream is restored, the half-made graph released,
+            # and the error raised is fn's, not the one about the capture's end.
+            torch.cuda.set_stream(stream)
+            self.graph = None
+            raise RuntimeError(" ".join(str(e.__context__ or e).split())) from e
 
     def load(self, *inputs):
         for static, t in zip(self.inputs, inputs):

@@ -32,8 +32,9 @@ import rundir
 from models.fold import fold_batchnorm
 from models.resnet import ResNet
 from args import MODEL_FLAGS, explicit_args, validate_parser
-from utils import (Captured, UserError, all_finite, broadcast_from_rank_zero, end_distributed, get_device,
-                   init_distributed, is_rank_zero, on_side_stream, rank_device, run_main, torchrun_env, world)
+from utils import (Captured, UserError, all_finite, broadcast_from_rank_zero, end_distributed, fp32_convolutions,
+                   get_device, init_distributed, is_rank_zero, on_side_stream, rank_device, run_main, torchrun_env,
+                   world)
 
 # Raise when the numbers a result holds change meaning: stored results of another version are recomputed.
 METRIC_VERSION = 2
@@ -298,34 +299,39 @@ class EvalForward:
     """Validation's forward pass: (logits, h) = forward(x) of `model` in eval mode, as fast as fp32 allows.
 
     It runs a copy with BatchNorm folded into the preceding layers (models/fold.py: the same function up
-    to float rounding, one pass over each activation instead of two). On a GPU, and unless layer hooks
-    must see each module run, a full-size batch is replayed as one CUDA graph (the kernels of an eager
-    pass, launched at once); other sizes run eagerly, and so does everything after a capture that
-    fails (said in one line). The outputs of a replay are the graph's own tensors: use them before
-    the next call (in stream order, as everything here does)."""
+    to float rounding; on a CPU one pass over each activation instead of two). On a GPU its convolutions
+    run in IEEE float32, not PyTorch's default TF32, and, unless layer hooks must see each module run,
+    a full-size batch is replayed as one CUDA graph (the kernels of an eager pass, launched at once);
+    other sizes run eagerly, and so does every pass after a capture that failed (said once, in one
+    line). The outputs of a replay are the graph's own tensors: use them before the next call (in
+    stream order, as everything here does)."""
+
+    capture_failed = False  # for the whole process: each checkpoint's pass would fail the same way
 
     def __init__(self, model, graph=True):
         self.module = fold_batchnorm(model)
-        self.use_graph = graph and model.fc.weight.is_cuda
+        self.cuda = model.fc.weight.is_cuda
+        self.use_graph = graph and self.cuda and not EvalForward.capture_failed
         self.graph = None  # a Captured forward pass of the first full-size batch
 
     @torch.no_grad()
     def __call__(self, x):
-        if not self.use_graph or (self.graph is not None and x.shape != self.graph.inputs[0].shape):
-            return self.module(x)
-        with torch.cuda.device(x.device):
-            if self.graph is not None:
-                self.graph.load(x)
-                return self.graph.replay()
-            on_side_stream(self.module, x)  # warm-up off the capture stream: cuDNN tuning, the allocator
-            try:
-                self.graph = Captured(self.module, (x,))  # records only: nothing has run if it fails
-            except RuntimeError as e:
-                self.use_graph = False
-                print(f"note: validation's forward pass cannot be captured as a CUDA graph "
-                      f"({' '.join(str(e).split())[:160]}); it runs eagerly", file=sys.stderr)
+        with fp32_convolutions() if self.cuda else nullcontext():
+            if not self.use_graph or (self.graph is not None and x.shape != self.graph.inputs[0].shape):
                 return self.module(x)
-            return self.graph.replay()
+            with torch.cuda.device(x.device):
+                if self.graph is not None:
+                    self.graph.load(x)
+                    return self.graph.replay()
+                on_side_stream(self.module, x)  # warm-up off the capture stream: cuDNN tuning, the allocator
+                try:
+                    self.graph = Captured(self.module, (x,))  # records only: nothing has run if it fails
+                except RuntimeError as e:
+                    EvalForward.capture_failed, self.use_graph = True, False
+                    print(f"note: validation's forward pass cannot be captured as a CUDA graph "
+                          f"({str(e)[:160]}); it runs eagerly", file=sys.stderr)
+                    return self.module(x)
+                return self.graph.replay()
 
 
 @torch.no_grad()

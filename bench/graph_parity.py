@@ -37,9 +37,13 @@ from utils import run_main  # noqa: E402
 QUANTITIES = ("loss", "NC1", "NC2", "NC3", "NC4")
 SPREAD_FACTOR = 3.0  # one eager pair is one draw of the noise; allow the graph's draw to be this much larger
 RELATIVE_FLOOR = 1e-6  # the graph's deviation always allowed, relative to |eager1|: float32 last bits
-# The training flags unless given: ResNet-18 with the CIFAR stem and augmentation on 100 images per class.
+# The training flags unless given: ResNet-18 with the CIFAR stem and augmentation on 100 images per class,
+# with cuDNN's deterministic algorithms (--deterministic), so that the eager pair repeats bit for bit and
+# the graph must match it: autotuned algorithms may be non-deterministic, and then one eager pair is too
+# noisy a yardstick (under the rule below a graph with the very same kernels fails by chance about one
+# time in five per quantity).
 DEFAULTS = ["--model", "resnet18", "--SOTA", "--dataset", "mnist_sample", "--sample_size", "100", "--lr", "0.05",
-            "--batch_size", "128", "--num_workers", "0"]
+            "--batch_size", "128", "--num_workers", "0", "--deterministic"]
 
 
 def get_args(argv=None):
@@ -95,6 +99,8 @@ def main(argv=None):
         if q not in eager1[0]:
             continue
         rows = [(a[q], b[q], g[q]) for a, b, g in zip(eager1, eager2, graph) if q in a and q in b and q in g]
+        if not rows:
+            continue
         spread = max(relative(b, a) for a, b, _ in rows)
         deviation = max(relative(g, a) for a, _, g in rows)
         allowed = SPREAD_FACTOR * spread + RELATIVE_FLOOR

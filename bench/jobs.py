@@ -25,7 +25,6 @@ import train as train_bench  # noqa: E402  (bench/train.py: the data and the pip
 sys.path.insert(0, os.path.dirname(HERE))
 import datasets  # noqa: E402
 import training  # noqa: E402
-from train_1st_order import first_order_step  # noqa: E402
 from utils import make_criterion, make_optimizer  # noqa: E402
 
 
@@ -39,10 +38,11 @@ def child(args):
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = make_optimizer(margs, model)
-    objective = training.make_objective(margs, model, make_criterion(margs, 10))
+    objective = training.make_objective(margs, model, make_criterion(margs, train_bench.num_classes(args)))
     loader = datasets.DeviceLoader(images, labels, args.batch_size, mean, std, device, shuffle=True, augment=augment,
                                    generator=torch.Generator(device).manual_seed(0), channels_last=channels_last)
-    run = lambda: training.train_one_epoch(model, loader, first_order_step, optimizer, objective, 1, device)
+    step = train_bench.our_step(margs, device)  # as the training scripts step: CUDA graphs by default on a GPU
+    run = lambda: training.train_one_epoch(model, loader, step, optimizer, objective, 1, device)
     run()
     open(args.ready, "w").close()
     while not os.path.exists(args.go):
@@ -66,6 +66,8 @@ def together(n, argv, device):
              for i in range(n)]
     while not all(os.path.exists(os.path.join(folder, f"ready{i}")) for i in range(n)):
         if any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:  # the others would wait for the start for ever, holding the device
+                p.kill()
             raise SystemExit("a run failed before it was ready")
         time.sleep(0.05)
     open(os.path.join(folder, "go"), "w").close()

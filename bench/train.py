@@ -188,7 +188,8 @@ def authors_lbfgs_update(model, optimizer, num_classes, weight_decay=WEIGHT_DECA
 def our_evaluation(step, optimizer, objective, x, y):
     """One evaluation of (b)'s closure: the captured graph's replay where the step has one."""
     captured = getattr(step, "captured", None)
-    return captured.replay if captured is not None else lambda: step.evaluate(optimizer, objective, x, y)
+    eager = getattr(step, "step", step)  # a graph step that trained eagerly (its capture failed) holds the eager one
+    return captured.replay if captured is not None else lambda: eager.evaluate(optimizer, objective, x, y)
 
 
 def evaluation_seconds(evaluate, device, repeats=10):
@@ -271,9 +272,10 @@ def main(argv=None):
         calls = {"a": closure_evaluations(optimizer_a), "b": closure_evaluations(optimizer)}
         print(f"closure evaluations per step: (a) {calls['a'] / steps:.1f}, (b) {calls['b'] / steps:.1f}")
         model_a.train(), model.train()  # as in a step (the authors' pass ends in eval mode)
-        lbfgs_split(seconds, calls, 1 + args.rounds, device, {
-            "a": authors_lbfgs_closure(model_a, optimizer_a, K, *next(iter(fast))),
-            "b": our_evaluation(step, optimizer, objective, *next(iter(fast)))})
+        x, y = next(iter(fast))
+        lbfgs_split(seconds, calls, 1 + args.rounds, device, {  # each side in its own layout and cuDNN setting
+            "a": with_autotuner(False, authors_lbfgs_closure(model_a, optimizer_a, K, x.contiguous(), y)),
+            "b": with_autotuner(device.type == "cuda", our_evaluation(step, optimizer, objective, x, y))})
     print(f"ratio: {median(ratios):.2f}")
     if args.nc_every > 0:
         kw = dict(batch_size=VALIDATION_BATCH, mean=mean, std=std, device=device, channels_last=channels_last)

@@ -5,7 +5,8 @@ transforms feeds the forward pass; then a Python loop over samples with `.item()
 features and outputs collected in per-class lists of host arrays, Sigma_W as a sum of per-sample
 outer products formed in batches of 1,024, scipy's pinv in float32, per-class margins and numpy
 nuclear norms. Ours is validate_NC.py's own code. Both give the same NC1-NC4 (to 1e-3 relative:
-the reference keeps float32 arithmetic; exactness against float64 is the tests' job).
+the reference keeps float32 arithmetic; exactness against float64 is the tests' job); end to end
+on a GPU NC1 to 1e-2, as the reference convolves in PyTorch's default TF32 and ours in float32.
 
     python bench/validate.py                                   # CPU: MLP 1024x6 on mnist_sample
     python bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples 20000 --device cuda
@@ -216,11 +217,14 @@ def main(argv=None):
         print(f"{key:16s}{ours2[key]:14.6g}{ref2[key]:14.6g}{diff:12.2e}")
         if key.startswith("NC") and diff > 1e-3:
             raise SystemExit(f"error: {key} differs by {diff:.2e} relative (more than 1e-3)")
+    # End to end the features differ: ours come from float32 convolutions, and on a GPU the reference's
+    # from PyTorch's default TF32 ones (as the authors' ran), off by ~1e-3 relative.
+    tolerance = 1e-2 if device.type == "cuda" else 1e-3
     diff = abs(ours["collapse_metric"] - ref["NC1"]) / abs(ref["NC1"])
-    if diff > 1e-3:
-        raise SystemExit(f"error: end to end, NC1 differs by {diff:.2e} relative (more than 1e-3)")
-    print(f"NC1-NC4 agree to 1e-3 relative, after the forward pass and end to end; times are medians over "
-          f"{args.rounds} round{'s' * (args.rounds != 1)} (min-max, +- half the range)")
+    if diff > tolerance:
+        raise SystemExit(f"error: end to end, NC1 differs by {diff:.2e} relative (more than {tolerance:g})")
+    print(f"NC1-NC4 agree to 1e-3 relative after the forward pass, NC1 to {tolerance:g} end to end; times are "
+          f"medians over {args.rounds} round{'s' * (args.rounds != 1)} (min-max, +- half the range)")
     ratio_e2e = [r / o for r, o in zip(t_e2e["reference"], t_e2e["ours"])]
     ratio_after = [r / o for r, o in zip(t_after["reference"], t_after["ours"])]
     ceiling = [r / f for r, f in zip(t_e2e["reference"], t_after["forward"])]

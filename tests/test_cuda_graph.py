@@ -182,6 +182,35 @@ def test_a_default_graph_that_fails_to_capture_trains_on_eagerly_with_a_note(rer
         trained(flags, graphed)
 
 
+def test_a_capture_that_fails_restores_the_stream_and_reports_its_own_error(monkeypatch):
+    """torch.cuda.graph leaves its capture stream current when ending a broken capture fails (it exits
+    the stream context only after capture_end succeeds). utils.Captured puts the caller's stream back,
+    drops the graph and raises the error that broke the capture. Here on the CPU, with stand-ins that
+    behave as torch's do."""
+    streams = ["caller's stream"]
+
+    class Graph:  # torch.cuda.graph: capture on its own stream; ending a broken capture raises
+        def __init__(self, graph, capture_error_mode):
+            pass
+
+        def __enter__(self):
+            streams.append("capture stream")
+
+        def __exit__(self, kind, error, traceback):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+
+    def step(x):
+        raise RuntimeError("CUDA error: operation not permitted\nwhen stream is capturing")
+    with pytest.raises(RuntimeError, match="^CUDA error: operation not permitted when stream is capturing$"):
+        utils.Captured(step, (torch.zeros(2),))
+    assert streams[-1] == "caller's stream"
+
+
 def test_make_capturable_moves_adams_step_counters():
     args, net, optimizer, objective, batches = setup(FIRST_ORDER[1])
     train_1st_order.first_order_step(optimizer, objective, *batches[0])
@@ -322,3 +351,39 @@ def test_graph_parity_bench_passes_on_a_gpu():
     out = subprocess.run([sys.executable, "bench/graph_parity.py", *flags], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "parity: PASS", out.stdout[-3000:]
+
+
+@GPU
+def test_a_real_capture_that_fails_leaves_the_default_stream_and_trains_on_eagerly(capsys):
+    """A step that syncs (loss.item()) cannot be captured: the default graph says so once, puts the
+    caller's stream back and trains on eagerly, with the eager numbers."""
+    def syncing_step(optimizer, objective, x, y):
+        loss, logits = train_1st_order.first_order_step(optimizer, objective, x, y)
+        loss.item()  # not allowed while capturing
+        return loss, logits
+
+    def default(step):
+        wrapped = training.CUDAGraphStep(lambda *a: syncing_step(*a))
+        wrapped.fallback = True
+        return wrapped
+    flags = FIRST_ORDER[0]
+    eager_losses, _ = trained(flags, lambda step: syncing_step, "cuda")
+    losses, _ = trained(flags, default, "cuda")
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: the training step cannot be captured as a CUDA graph")
+
+
+@GPU
+@pytest.mark.parametrize("optimizer, lr", [("SGD", "0.05"), ("Adam", "0.001")])
+def test_a_gpu_resnet_resumed_with_deterministic_switched_trains_on(tiny_argv, optimizer, lr):
+    """--deterministic switched on --resume changes the ResNet's layout (NCHW <-> channels_last); the
+    fused optimisers then get state in the parameters' layout (training.match_parameter_layout)."""
+    flags = ["--device", "cuda", "--model", "ResNet18_adapt", "--width", "8", "--optimizer", optimizer, "--lr", lr,
+             "--sample_size", "20", "--batch_size", "32"]
+    run = train_1st_order.main(tiny_argv("switched", *flags, "--epochs", "1"))
+    train_1st_order.main(tiny_argv("switched", *flags, "--resume", "--epochs", "2", "--deterministic"))
+    train_1st_order.main(tiny_argv("switched", *flags, "--resume", "--epochs", "3", "--no-deterministic"))
+    state = torch.load(os.path.join(run, "epoch_003.pth"), map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in state.values())

@@ -109,12 +109,29 @@ def test_eval_forward_whose_capture_fails_runs_eagerly_after_one_note(rerun_grap
     def fails(fn, inputs):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(validate_NC, "Captured", fails)
+    monkeypatch.setattr(validate_NC.EvalForward, "capture_failed", False)  # restored after the test
     forward, eager, batches = graphed_eval_forward()
     assert_eager_numbers(forward, eager, batches)
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith("note: validation's forward pass cannot be captured as a CUDA "
                                                    "graph (operation not permitted when stream is capturing)")
-    assert not forward.use_graph
+    assert not forward.use_graph and validate_NC.EvalForward.capture_failed  # later passes: eager, no note
+
+
+def test_eval_forward_on_a_gpu_convolves_in_ieee_float32_only_while_it_runs(rerun_graphs):
+    """PyTorch's default lets cuDNN round convolution inputs to TF32; validation's features must be
+    float32. (On the CPU the switch is only observed: cuDNN is not used.)"""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip("torch < 2.9: TF32 is switched through cudnn.allow_tf32")
+    forward, eager, batches = graphed_eval_forward()
+    forward.cuda = True  # as on a GPU
+    seen = []
+    forward.module.register_forward_pre_hook(lambda module, inputs: seen.append(conv.fp32_precision))
+    before = conv.fp32_precision
+    assert_eager_numbers(forward, eager, batches)
+    assert set(seen) == {"ieee"} and len(seen) > len(batches)  # the warm-up too
+    assert conv.fp32_precision == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import fake_data
 import losses
 import models
 import optimizers
+import rundir
 import train_1st_order
 import train_2nd_order
 import training
@@ -437,3 +439,44 @@ def test_deterministic_changes_nothing_on_the_cpu_and_may_change_on_resume(tiny_
     assert all(torch.equal(a[k], b[k]) for k in a)
     train_1st_order.main(tiny_argv("det", "--resume", "--epochs", "2", "--no-deterministic"))  # allowed on resume
     assert read_run(det)[0]["deterministic"] is False and os.path.isfile(os.path.join(det, "epoch_002.pth"))
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), torch.optim.Adam],
+                         ids=["SGD", "Adam"])
+def test_a_resumed_optimiser_state_takes_its_parameters_layout(make):
+    """--deterministic switched on --resume turns a GPU run's ResNet from channels_last to NCHW (or
+    back); the loaded momentum and Adam moments follow it, since the fused GPU optimisers need the
+    strides of state and parameter equal. Their values stay the same."""
+    torch.manual_seed(0)
+    saved = models.ResNet18_adapt(width=4)  # NCHW
+    optimizer = make(saved.parameters())
+    saved(torch.randn(2, 3, 32, 32))[0].square().sum().backward()
+    optimizer.step()
+    model = models.ResNet18_adapt(width=4).to(memory_format=torch.channels_last)
+    resumed = make(model.parameters())
+    resumed.load_state_dict(optimizer.state_dict())
+
+    def states():  # (parameter, its loaded state tensor, the saved one) for state of the parameter's shape
+        return [(p, resumed.state[p][k], optimizer.state[q][k]) for p, q in zip(model.parameters(), saved.parameters())
+                for k in resumed.state[p] if resumed.state[p][k].shape == p.shape]
+    assert any(v.stride() != p.stride() for p, v, _ in states())  # as loaded: the saved layout
+    training.match_parameter_layout(resumed)
+    assert all(v.stride() == p.stride() and torch.equal(v, before) for p, v, before in states())
+
+
+def test_a_resume_whose_data_order_was_drawn_elsewhere_goes_on_reseeded_with_a_note(tiny_argv, capsys):
+    """A device loader's generator saved on a GPU (16 bytes: seed and offset) cannot be loaded into
+    the CPU's: the resumed run is reseeded, the same way each time, and says so."""
+    run = train_1st_order.main(tiny_argv("moved", "--epochs", "1"))
+    last = os.path.join(run, rundir.LAST)
+    state = torch.load(last, weights_only=False)
+    state["loader_rng"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator's state
+    torch.save(state, last)
+    shutil.copytree(run, os.path.join(os.path.dirname(run), "twin"))
+    capsys.readouterr()
+    train_1st_order.main(tiny_argv("moved", "--resume", "--epochs", "2"))
+    note = "note: the saved data order was drawn on another device or by the other loader and cannot go on here"
+    assert note in capsys.readouterr().out and note in open(os.path.join(run, rundir.TRAIN_LOG)).read()
+    twin = train_1st_order.main(tiny_argv("twin", "--resume", "--epochs", "2"))
+    a, b = (torch.load(os.path.join(d, "epoch_002.pth"), weights_only=True) for d in (run, twin))
+    assert all(torch.equal(a[k], b[k]) for k in a)
