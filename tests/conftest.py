@@ -15,6 +15,7 @@ for path in (REPO, TESTS):
         sys.path.insert(0, path)
 
 import fake_data  # noqa: E402
+import utils  # noqa: E402
 
 # The smallest training run that exercises a whole script: an MLP of width 32 on 10 images per class.
 # NC is measured after training (validate_NC.py) unless a test asks for it in-run (--nc_every).
@@ -75,17 +76,13 @@ def fake_mini_imagenet(tmp_path_factory):
 
 # ---------------------------------------------------------------------------- helpers the test modules share
 
-class Rerun:
-    """A stand-in for a CUDA graph (utils.Captured) on the CPU: each replay runs the captured function
-    again on the static inputs and copies its outputs into the same tensors, as a replay overwrites them."""
+class Rerun(utils.Captured):
+    """A stand-in for a CUDA graph on the CPU: each replay runs the captured function again on the
+    static inputs and copies its outputs into the same tensors, as a replay overwrites them."""
 
     def __init__(self, fn, inputs):
         self.fn, self.inputs, self.outputs = fn, [t.clone() for t in inputs], None
         self.replays = 0
-
-    def load(self, *inputs):
-        for static, t in zip(self.inputs, inputs):
-            static.copy_(t)
 
     def replay(self):
         self.replays += 1
