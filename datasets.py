@@ -409,14 +409,18 @@ def torchvision_transform(data, train):
     return T.Compose(steps + [T.ToTensor(), T.Normalize(data.mean, data.std)])
 
 
-def torch_loader(data, train, batch_size, shuffle, num_workers=4, generator=None, augment=None, drop_last=False):
+def torch_loader(data, train, batch_size, shuffle, num_workers=4, generator=None, augment=None, drop_last=False,
+                 pin_memory=None):
+    """A DataLoader of per-image torchvision transforms. pin_memory: for a CUDA device (default: whether
+    there is one, as the authors' loaders did)."""
     images, labels = (data.train_images, data.train_labels) if train else (data.test_images, data.test_labels)
     transform = torchvision_transform(data, train and augment is not False)
     # Workers are not kept between epochs: fresh ones draw their seeds from `generator`, so a
     # resumed run augments exactly as an uninterrupted one.
     return torch.utils.data.DataLoader(ArrayDataset(images, labels, transform), batch_size=batch_size,
                                        shuffle=shuffle, num_workers=num_workers, generator=generator,
-                                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
+                                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                                       drop_last=drop_last)
 
 
 def make_dataset(dataset_name, data_dir, batch_size, sample_size=None, SOTA=False, num_workers=4):
@@ -576,6 +580,7 @@ def make_loaders(data, batch_size, device, loader="auto", train=True, seed=0, nu
                              generator=generator, drop_last=drop_last, share=share, **kw),
                 DeviceLoader(data.test_images, data.test_labels, **kw))
     generator = torch.Generator().manual_seed(seed)
+    pin = device.type == "cuda"  # pinned host memory serves copies to a GPU only (and would start CUDA on GPU 0)
     return (torch_loader(data, True, batch_size, shuffle=train, num_workers=num_workers, generator=generator,
-                         augment=train, drop_last=drop_last),
-            torch_loader(data, False, batch_size, shuffle=False, num_workers=num_workers))
+                         augment=train, drop_last=drop_last, pin_memory=pin),
+            torch_loader(data, False, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin))

@@ -53,6 +53,16 @@ def test_the_two_loaders_give_the_same_test_batches():
         assert torch.equal(ya, yb)
 
 
+def test_torch_loaders_pin_memory_for_a_gpu_run_only(monkeypatch):
+    """On a machine with a GPU, a --device cpu run's DataLoaders leave memory unpinned (pinning serves
+    copies to a GPU, and would start CUDA on GPU 0); a GPU run's pin it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data = datasets.load_data("mnist_sample", sample_size=2)
+    for device, pinned in ((CPU, False), (torch.device("cuda"), True)):
+        loaders = datasets.make_loaders(data, 8, device, "torch", num_workers=0)
+        assert [loader.pin_memory for loader in loaders] == [pinned, pinned]
+
+
 def every_value_images(n=40, size=8, seed=0):
     """uint8 (n, size, size, 3) images in which every channel takes all 256 values (and random ones)."""
     images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
