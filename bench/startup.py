@@ -54,7 +54,9 @@ class FormerDeviceLoader(datasets.DeviceLoader):
     in-place passes, then copied into NCHW; no split normalised once."""
 
     def normalize(self, x):
-        x = x.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
+        # (255 as a device tensor, as today: CUDA turns a division by a Python number into a product by
+        # its reciprocal, which would make the former's numbers differ on a GPU, not only its speed)
+        x = x.permute(0, 3, 1, 2).float().div_(self.max_value).sub_(self.mean).div_(self.std)
         return x if self.channels_last else x.contiguous()
 
     def normalised_fits(self):
