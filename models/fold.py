@@ -2,9 +2,10 @@
 
 In eval mode a BatchNorm is a fixed per-channel affine map, y = gamma (x - mean) / sqrt(var + eps) + beta,
 so a convolution or linear layer followed by one equals a single layer with scaled weights and a bias.
-Validation runs the folded copy: one pass over each activation instead of two, the same function up to
-float rounding (the scale is computed in float64 and the result stored in the model's dtype, so the
-features differ from the unfolded network's by a few units in the last place of float32).
+Validation runs the folded copy: the same function up to float rounding (the scale is computed in
+float64 and the result stored in the model's dtype, so the features differ from the unfolded network's
+by a few units in the last place of float32). On a CPU it makes one pass over each activation instead
+of two; cuDNN adds a convolution's bias in a pass of its own, so a GPU saves less.
 """
 import copy
 
