@@ -30,16 +30,20 @@ class MSELoss(nn.Module):
 
 
 class RescaledMSELoss(nn.Module):
-    """Hui & Belkin (2020): per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2], batch mean."""
+    """Hui & Belkin (2020): per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2], batch mean.
+
+    Computed in the authors' order, the mean over the K outputs and then over the batch, so its backward
+    scales each logit's gradient by fl(fl(1/B)/K) as theirs does; summing over K, averaging and then
+    dividing by K scales by another rounding for most batch sizes that are not powers of two."""
 
     def __init__(self, num_classes, M=1.0, k=1.0):
         super().__init__()
         self.num_classes, self.M, self.k = num_classes, M, k
 
     def forward(self, logits, y):
-        onehot = F.one_hot(y, self.num_classes).to(logits.dtype)  # (B, K)
-        weight = 1 + (self.k - 1) * onehot  # k on the true class, 1 elsewhere
-        return (weight * (logits - self.M * onehot) ** 2).sum(1).mean() / self.num_classes
+        true = F.one_hot(y, self.num_classes).bool()  # (B, K)
+        per_output = torch.where(true, self.k * (logits - self.M) ** 2, logits ** 2)
+        return per_output.mean(1).mean()
 
 
 def make_criterion(args, num_classes=None):
