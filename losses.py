@@ -71,11 +71,12 @@ def sep_decay_penalty(model, h, weight_decay, feature_decay_rate):
 
 
 def lbfgs_penalty(loss, params, weight_decay):
-    """loss + 0.5 * wd * ||p||^2 for each trainable parameter p, added one parameter at a time.
+    """loss + 0.5 * wd * sum ||p||^2 over the trainable parameters p.
 
-    Written as the authors' LBFGS closure computes it (through torch.norm, added in parameter
-    order), so float rounding matches theirs bit for bit: a line search amplifies the last bit of
-    a loss into visibly different steps."""
+    In the authors' LBFGS closure's order: the penalty summed first, a term `0.5 * wd * torch.norm(p) ** 2`
+    per parameter, and only then added to the loss. Adding each term to the loss in turn rounds
+    differently, and the strong-Wolfe line search turns a last-bit difference into another step."""
+    penalty = 0
     for p in params:
-        loss = loss + 0.5 * weight_decay * torch.norm(p) ** 2
-    return loss
+        penalty += 0.5 * weight_decay * torch.norm(p) ** 2
+    return loss + penalty
