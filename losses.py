@@ -34,7 +34,7 @@ class RescaledMSELoss(nn.Module):
 
     Computed in the authors' order, the mean over the K outputs and then over the batch, so its backward
     scales each logit's gradient by fl(fl(1/B)/K) as theirs does; summing over K, averaging and then
-    dividing by K scales by another rounding for most batch sizes that are not powers of two."""
+    dividing by K rounds that scale differently at many batch sizes that are not powers of two."""
 
     def __init__(self, num_classes, M=1.0, k=1.0):
         super().__init__()

@@ -78,6 +78,20 @@ def test_rescaled_mse_and_its_gradient_are_bitwise_the_authors(B, K, M, k):
     assert torch.equal(ours.grad, theirs.grad)
 
 
+@pytest.mark.parametrize("B, K", [(50, 10), (100, 10), (80, 100)])
+def test_the_other_order_of_rescaled_mse_gives_other_gradients(B, K):
+    """Why the order above matters: a sum over K, a mean over B and a division by K (this repository's
+    order before) scale the gradient by fl(fl(1/K)/B), which is not fl(fl(1/B)/K) at these sizes.
+    Each scale is elementwise, correctly rounded arithmetic on the same numbers, so this holds on
+    every CPU."""
+    g = torch.Generator().manual_seed(B + K)
+    z, y = torch.randn(B, K, generator=g), torch.randint(0, K, (B,), generator=g)
+    ours, other = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    authors_rescaled_mse(ours, y, 1, 1, K).backward()
+    ((other - torch.nn.functional.one_hot(y, K).float()) ** 2).sum(1).mean().div(K).backward()
+    assert not torch.equal(ours.grad, other.grad)
+
+
 def test_rescaled_mse_with_M_1_k_1_is_mse():
     assert criterion("--loss", "RescaledMSE")(Z, Y).item() == pytest.approx(criterion("--loss", "MSE")(Z, Y).item())
 
