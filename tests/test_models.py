@@ -1,5 +1,6 @@
-"""The networks: shapes, parameter counts, initial weights (bit for bit those of torchvision and of the
-authors' torchvision-based ResNets for the same seed), and the fixed simplex-ETF classifier."""
+"""The networks: shapes, parameter counts, initial weights (bit for bit those of torchvision, of the
+authors' torchvision-based ResNets and of the original CIFAR ResNet18_adapt for the same seed), and the
+fixed simplex-ETF classifier."""
 import argparse
 import math
 from unittest import mock
