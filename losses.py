@@ -74,7 +74,7 @@ def lbfgs_penalty(loss, params, weight_decay):
     """loss + 0.5 * wd * sum ||p||^2 over the trainable parameters p.
 
     In the authors' LBFGS closure's order: the penalty summed first, a term `0.5 * wd * torch.norm(p) ** 2`
-    per parameter, and only then added to the loss. Adding each term to the loss in turn rounds
+    per parameter, and only then added to the loss. Adding each term to the loss in turn can round
     differently, and the strong-Wolfe line search turns a last-bit difference into another step."""
     penalty = 0
     for p in params:
