@@ -30,16 +30,20 @@ class MSELoss(nn.Module):
 
 
 class RescaledMSELoss(nn.Module):
-    """Hui & Belkin (2020): per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2], batch mean."""
+    """Hui & Belkin (2020): per sample (1/K) [k (z_y - M)^2 + sum_{j != y} z_j^2], batch mean.
+
+    Computed in the authors' order, the mean over the K outputs and then over the batch, so its backward
+    scales each logit's gradient by fl(fl(1/B)/K) as theirs does; summing over K, averaging and then
+    dividing by K rounds that scale differently at many batch sizes that are not powers of two."""
 
     def __init__(self, num_classes, M=1.0, k=1.0):
         super().__init__()
         self.num_classes, self.M, self.k = num_classes, M, k
 
     def forward(self, logits, y):
-        onehot = F.one_hot(y, self.num_classes).to(logits.dtype)  # (B, K)
-        weight = 1 + (self.k - 1) * onehot  # k on the true class, 1 elsewhere
-        return (weight * (logits - self.M * onehot) ** 2).sum(1).mean() / self.num_classes
+        true = F.one_hot(y, self.num_classes).bool()  # (B, K)
+        per_output = torch.where(true, self.k * (logits - self.M) ** 2, logits ** 2)
+        return per_output.mean(1).mean()
 
 
 def make_criterion(args, num_classes=None):
@@ -67,11 +71,12 @@ def sep_decay_penalty(model, h, weight_decay, feature_decay_rate):
 
 
 def lbfgs_penalty(loss, params, weight_decay):
-    """loss + 0.5 * wd * ||p||^2 for each trainable parameter p, added one parameter at a time.
+    """loss + 0.5 * wd * sum ||p||^2 over the trainable parameters p.
 
-    Written as the authors' LBFGS closure computes it (through torch.norm, added in parameter
-    order), so float rounding matches theirs bit for bit: a line search amplifies the last bit of
-    a loss into visibly different steps."""
+    In the authors' LBFGS closure's order: the penalty summed first, a term `0.5 * wd * torch.norm(p) ** 2`
+    per parameter, and only then added to the loss. Adding each term to the loss in turn can round
+    differently, and the strong-Wolfe line search turns a last-bit difference into another step."""
+    penalty = 0
     for p in params:
-        loss = loss + 0.5 * weight_decay * torch.norm(p) ** 2
-    return loss
+        penalty += 0.5 * weight_decay * torch.norm(p) ** 2
+    return loss + penalty

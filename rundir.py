@@ -9,8 +9,9 @@
                      its numbers depend on (so validating on another copy of the data and back reuses them)
     info.pkl         the per-checkpoint results as lists in epoch order (the authors' format)
     test_log.txt     one line of NC1-NC4 and accuracies per validated checkpoint
-    metrics.jsonl    one JSON object per trained epoch (loss, accuracies, learning rate, seconds, and
-                     NC1-NC4 where measured), appended as each epoch ends: `tail -f` follows a run
+    metrics.jsonl    one JSON object per trained epoch (loss, the training loop's accuracies loop_acc1/5,
+                     learning rate, seconds, and where measured NC1-NC4 and the measured accuracies
+                     train_acc1/5, test_acc1/5), appended as each epoch ends: `tail -f` follows a run
     .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
                      process on the same run is refused; the kernel drops a dead process's lock
 
@@ -136,15 +137,23 @@ def append_metrics(run_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
+# Files written before the training loop's accuracies were named loop_acc1/5 held them under the
+# names that now mean the measured accuracies, as in info.pkl: such a record (no loop_acc1) is read
+# with its keys renamed.
+FORMER_LOOP_KEYS = {"train_acc1": "loop_acc1", "train_acc5": "loop_acc5"}
+
+
 def read_metrics(run_dir):
     """The records of metrics.jsonl, one per epoch (the last record of an epoch trained twice);
-    a line cut short by a kill is left out."""
+    a line cut short by a kill is left out. A former file's loop accuracies come under their names."""
     records = {}
     try:
         with open(os.path.join(run_dir, METRICS)) as f:
             for line in f:
                 try:
                     record = json.loads(line)
+                    if "loop_acc1" not in record:
+                        record = {FORMER_LOOP_KEYS.get(key, key): value for key, value in record.items()}
                     records[int(record["epoch"])] = record
                 except (ValueError, KeyError, TypeError):
                     continue

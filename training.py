@@ -483,7 +483,9 @@ def train(args, step, device, run_dir, note=None):
             raise
         scheduler.step()
         seconds = time.time() - t
-        record = {"epoch": epoch, "loss": stats["loss"], "train_acc1": stats["acc1"], "train_acc5": stats["acc5"],
+        # loop_acc: the training loop's accuracies, in train mode on augmented batches while the weights
+        # move; train_acc (where measured) is the measured one, as in info.pkl
+        record = {"epoch": epoch, "loss": stats["loss"], "loop_acc1": stats["acc1"], "loop_acc5": stats["acc5"],
                   "lr": lr, "seconds": round(seconds, 3)}
         last = epoch == args.epochs
         kept = epoch % args.save_every == 0 or last
@@ -506,7 +508,7 @@ def train(args, step, device, run_dir, note=None):
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "checkpoint_kept": kept, "args": recorded(args), "rng": rng_state(),
             "loader_rng": train_loader.generator.get_state()})
-        log(f"epoch {epoch:3d} | loss {stats['loss']:.6f} | train acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f}"
+        log(f"epoch {epoch:3d} | loss {stats['loss']:.6f} | loop acc1 {stats['acc1']:.2f} acc5 {stats['acc5']:.2f}"
             f" | lr {lr:.3g} | {seconds:.1f} s | {len(data.train_labels) / seconds:,.0f} img/s"
             + (f" | NC1 {record['NC1']:.4g}" if "NC1" in record else ""))
         epochs.set_postfix(loss=f"{stats['loss']:.4g}", acc=f"{stats['acc1']:.1f}",
@@ -516,13 +518,13 @@ def train(args, step, device, run_dir, note=None):
         say(f"nothing to do: {run_dir} has all {args.epochs} epochs")
     else:
         say(f"trained epochs {start + 1}-{args.epochs} in {time.time() - t0:.1f} s: last loss {stats['loss']:.4g}, "
-              f"train acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/"
+              f"loop acc {stats['acc1']:.2f}%; checkpoints in {run_dir}/"
               + (f", NC of {len(results)} epoch{'s' * (len(results) != 1)} in {run_dir}/{rundir.INFO}" if results else ""))
     return run_dir
 
 
 # The quantities of each measured epoch that metrics.jsonl repeats (info.pkl has them all).
-IN_METRICS = ("NC1", "NC2", "NC3", "NC4", "test_acc1", "test_acc5")
+IN_METRICS = ("NC1", "NC2", "NC3", "NC4", "train_acc1", "train_acc5", "test_acc1", "test_acc5")
 
 
 def measure(measurement, epoch, log):

@@ -169,8 +169,10 @@ def authors_lbfgs_closure(model, optimizer, num_classes, x, y, weight_decay=WEIG
     def closure():
         logits, _ = model(x)
         loss = criterion(logits, F.one_hot(y, num_classes).float())
+        penalty = 0
         for p in model.parameters():
-            loss = loss + 0.5 * weight_decay * torch.norm(p) ** 2
+            penalty += 0.5 * weight_decay * torch.norm(p) ** 2
+        loss = loss + penalty
         optimizer.zero_grad()
         loss.backward()
         return loss

@@ -1,9 +1,13 @@
 """The paper's ResNets: torchvision's, with a CIFAR stem (SOTA), a d-wide last block (fixdim) and a frozen
 simplex-ETF classifier (ETF_fc); and the CIFAR ResNet18_adapt of width k.
 
-Modules are created, named and initialised in torchvision's order, so that for one seed the initial weights
-are the authors' (and, for the plain networks, torchvision's), and torchvision's state_dicts load.
+Modules are named in torchvision's order, so torchvision's state_dicts load, and created in the order of
+the code each network comes from, so that for one seed the initial weights are the authors' (and, for the
+plain networks, torchvision's): torchvision's for the ResNets, the original CIFAR ResNet's for
+ResNet18_adapt (its blocks create their shortcut last, see AdaptBasicBlock).
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,15 +23,28 @@ def conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
+def projection(cin, cout, stride):
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
-    def __init__(self, cin, planes, stride=1, downsample=None, cout=None):
+
+def no_shortcut():
+    return None  # the identity
+
+
+class BasicBlock(nn.Module):
+    """shortcut() creates the shortcut: a projection (1x1 conv + BN), or None for the identity. torchvision
+    creates it before the block's layers, the original CIFAR ResNet after them (AdaptBasicBlock): the
+    order matters because each module's default init draws from the global generator in turn."""
+    expansion = 1
+    shortcut_last = False
+
+    def __init__(self, cin, planes, stride=1, shortcut=no_shortcut, cout=None):
         super().__init__()
+        downsample = None if self.shortcut_last else shortcut()
         cout = cout or planes * self.expansion  # differs from planes only in the last block under fixdim
         self.conv1, self.bn1 = conv3x3(cin, planes, stride), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = conv3x3(planes, cout), nn.BatchNorm2d(cout)
-        self.downsample = downsample  # None: identity shortcut
+        self.downsample = shortcut() if self.shortcut_last else downsample  # None: identity shortcut
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -35,11 +52,18 @@ class BasicBlock(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)), inplace=True)
 
 
+class AdaptBasicBlock(BasicBlock):
+    """The BasicBlock of the original CIFAR ResNet (the width study's ResNet18_adapt): it creates conv1,
+    bn1, conv2, bn2 and only then its shortcut, so its default init draws in that order."""
+    shortcut_last = True
+
+
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin, planes, stride=1, downsample=None, cout=None):
+    def __init__(self, cin, planes, stride=1, shortcut=no_shortcut, cout=None):
         super().__init__()
+        downsample = shortcut()  # first, as torchvision
         cout = cout or planes * self.expansion
         # torchvision's "ResNet v1.5": the stride is in the 3x3 conv
         self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
@@ -103,10 +127,10 @@ class ResNet(nn.Module):
             # the natural width, as in the authors' network
             fixed = fixdim > 0 and i == blocks - 1
             cout = fixdim if fixed else planes * block.expansion
-            downsample = None  # created before its block, as torchvision does
+            shortcut = no_shortcut
             if s != 1 or self.cin != cout or fixed:
-                downsample = nn.Sequential(conv1x1(self.cin, cout, s), nn.BatchNorm2d(cout))
-            layers.append(block(self.cin, planes, s, downsample, cout))
+                shortcut = partial(projection, self.cin, cout, s)  # the block creates it, in its own order
+            layers.append(block(self.cin, planes, s, shortcut, cout))
             self.cin = cout
         return nn.Sequential(*layers)
 
@@ -133,8 +157,9 @@ def ResNet18_adapt(width=64, num_classes=10, fc_bias=True):
     """CIFAR ResNet-18 with channels k, 2k, 4k, 8k (k = width), 3x3 stem, 4x4 average pool.
 
     PyTorch's default initialisation, as in the original width study: the Kaiming-normal init of the other
-    ResNets would start it with logits about 20 times larger.
+    ResNets would start it with logits about 20 times larger. Its blocks create their shortcut last, as the
+    original's do, so that one seed gives the original's initial weights.
     """
     k = width
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, fc_bias, SOTA=True,
+    return ResNet(AdaptBasicBlock, [2, 2, 2, 2], num_classes, fc_bias, SOTA=True,
                   widths=(k, 2 * k, 4 * k, 8 * k), avgpool=nn.AvgPool2d(4), kaiming_init=False)

@@ -58,7 +58,7 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, sin
     ddp, ref = metrics(two_rank_run), metrics(one)
     assert [r["epoch"] for r in ddp] == [1, 2]
     for a, b in zip(ddp, ref):
-        for key in ("loss", "train_acc1", "NC1", "test_acc1"):
+        for key in ("loss", "loop_acc1", "NC1", "test_acc1"):
             assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), (key, a, b)
     # the files are those of one process: one writer, the plain module's state_dict
     import torch

@@ -87,6 +87,9 @@ def test_a_run_records_every_epoch_and_keeps_the_thinned_checkpoints(ref):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
     assert [r["NC1"] for r in records] == info["collapse_metric"]
     assert [r["test_acc1"] for r in records] == info["test_acc1"]
+    # train_acc1/5 are the measured accuracies, as in info.pkl; the training loop's are loop_acc1/5
+    assert [(r["train_acc1"], r["train_acc5"]) for r in records] == list(zip(info["train_acc1"], info["train_acc5"]))
+    assert all(0 <= r["loop_acc1"] <= r["loop_acc5"] <= 100 for r in records)
     assert len(open(os.path.join(ref, rundir.TEST_LOG)).read().splitlines()) == 5
 
 

@@ -50,6 +50,48 @@ def test_rescaled_mse_generic_case_against_a_loop():
     assert loss.item() == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-12)
 
 
+def authors_rescaled_mse(z, y, M, k, K):
+    """The authors' arithmetic: k (z_y - M)^2 on the true class and z_j^2 elsewhere, the mean over the
+    K outputs, then the mean over the batch."""
+    onehot = torch.nn.functional.one_hot(y, K).float()
+    weight = 1 + (k - 1) * onehot
+    return torch.mean(torch.mean(weight * (z - M * onehot) ** 2, 1))
+
+
+@pytest.mark.parametrize("B, K", [(50, 10), (100, 10), (80, 100), (37, 100)])
+@pytest.mark.parametrize("M, k", [(1, 1), (3, 5)])
+def test_rescaled_mse_and_its_gradient_are_bitwise_the_authors(B, K, M, k):
+    """Batch sizes that are not powers of two (80 at K = 100 is the last batch of a mini-ImageNet epoch):
+    there the authors' mean over K, then over B, scales each logit's gradient by fl(fl(1/B)/K), and a sum
+    over K, a mean over B and a division by K by another rounding. Bit for bit holds on every CPU:
+    each per-output term is one correctly rounded elementwise op after another (with an integer k,
+    weight is exactly k or 1), and the two means are the same reductions over the same shapes in the
+    same order on both sides."""
+    g = torch.Generator().manual_seed(B + K)
+    z, y = torch.randn(B, K, generator=g), torch.randint(0, K, (B,), generator=g)
+    ours, theirs = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    loss = criterion("--loss", "RescaledMSE", "--M", str(M), "--k", str(k), num_classes=K)(ours, y)
+    expected = authors_rescaled_mse(theirs, y, M, k, K)
+    loss.backward()
+    expected.backward()
+    assert torch.equal(loss, expected)
+    assert torch.equal(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("B, K", [(50, 10), (100, 10), (80, 100)])
+def test_the_other_order_of_rescaled_mse_gives_other_gradients(B, K):
+    """Why the order above matters: a sum over K, a mean over B and a division by K (this repository's
+    order before) scale the gradient by fl(fl(1/K)/B), which is not fl(fl(1/B)/K) at these sizes.
+    Each scale is elementwise, correctly rounded arithmetic on the same numbers, so this holds on
+    every CPU."""
+    g = torch.Generator().manual_seed(B + K)
+    z, y = torch.randn(B, K, generator=g), torch.randint(0, K, (B,), generator=g)
+    ours, other = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    authors_rescaled_mse(ours, y, 1, 1, K).backward()
+    ((other - torch.nn.functional.one_hot(y, K).float()) ** 2).sum(1).mean().div(K).backward()
+    assert not torch.equal(ours.grad, other.grad)
+
+
 def test_rescaled_mse_with_M_1_k_1_is_mse():
     assert criterion("--loss", "RescaledMSE")(Z, Y).item() == pytest.approx(criterion("--loss", "MSE")(Z, Y).item())
 

@@ -1,5 +1,6 @@
-"""The networks: shapes, parameter counts, initial weights (bit for bit those of torchvision and of the
-authors' torchvision-based ResNets for the same seed), and the fixed simplex-ETF classifier."""
+"""The networks: shapes, parameter counts, initial weights (bit for bit those of torchvision, of the
+authors' torchvision-based ResNets and of the original CIFAR ResNet18_adapt for the same seed), and the
+fixed simplex-ETF classifier."""
 import argparse
 import math
 from unittest import mock
@@ -290,6 +291,63 @@ def test_resnets_start_from_the_authors_weights(name, SOTA, fixdim, ETF_fc, fc_b
         logits, h = ours.eval()(x)
         torch.testing.assert_close(logits, ref.eval()(x))
     assert h.shape == (2, fixdim or ref.fc.in_features)
+
+
+class OriginalBlock(nn.Module):
+    """The BasicBlock of the original CIFAR ResNet that the width study adapted, as it creates its
+    modules: conv1, bn1, conv2, bn2, and only then the shortcut."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, kernel_size=1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class OriginalResNet18Adapt(nn.Module):
+    """The original CIFAR ResNet-18 of width k, in its creation order (PyTorch's default init)."""
+
+    def __init__(self, k, num_classes, fc_bias):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, k, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(k)
+        cin, stages = k, []
+        for planes, stride in ((k, 1), (2 * k, 2), (4 * k, 2), (8 * k, 2)):
+            stages.append(nn.Sequential(OriginalBlock(cin, planes, stride), OriginalBlock(planes, planes, 1)))
+            cin = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(8 * k, num_classes, bias=fc_bias)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.flatten(nn.functional.avg_pool2d(out, 4), 1))
+
+
+@pytest.mark.parametrize("width, fc_bias", [(8, True), (16, True), (8, False)])
+def test_resnet18_adapt_starts_from_the_original_weights(width, fc_bias):
+    """Every tensor, for one seed, is the original's: its blocks create their shortcut after conv1..bn2
+    (torchvision's order, shortcut first, gave other weights in the first block of layer2-4)."""
+    torch.manual_seed(5)
+    ours = models.ResNet18_adapt(width=width, num_classes=K, fc_bias=fc_bias)
+    torch.manual_seed(5)
+    ref = OriginalResNet18Adapt(width, K, fc_bias)
+    a, b = ours.state_dict(), ref.state_dict()
+    assert [t.shape for t in a.values()] == [t.shape for t in b.values()]  # the same tensors, in the same order
+    different = [name for name, x, y in zip(a, a.values(), b.values()) if not torch.equal(x, y)]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:5]}"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # and the same function
+        torch.testing.assert_close(ours.eval()(x)[0], ref.eval()(x))
 
 
 def test_resnet18_adapt_keeps_default_init():

@@ -1,4 +1,5 @@
 """The run directory's own rules (rundir.py), without training anything."""
+import json
 import os
 import pickle
 
@@ -93,3 +94,20 @@ def test_a_file_in_the_way_is_named(tmp_path):
     touch(str(tmp_path / "run" / rundir.RESULTS))
     with pytest.raises(UserError, match="move the file away"):
         rundir.results_dir(str(tmp_path / "run"))
+
+
+def test_a_former_metrics_file_is_read_with_the_loop_accuracies_named(tmp_path):
+    """metrics.jsonl once held the training loop's accuracies under train_acc1/5, the names of the
+    measured ones now (as in info.pkl): a record without loop_acc1 is read with them renamed, and
+    a resume's truncation writes the file back in the new names."""
+    run = str(tmp_path)
+    former = {"epoch": 1, "loss": 0.5, "train_acc1": 40.0, "train_acc5": 90.0, "lr": 0.1, "seconds": 1.0}
+    current = {"epoch": 2, "loss": 0.4, "loop_acc1": 50.0, "loop_acc5": 95.0, "lr": 0.1, "seconds": 1.0,
+               "NC1": 0.3, "train_acc1": 60.0, "train_acc5": 99.0}
+    for record in (former, current):
+        rundir.append_metrics(run, record)
+    renamed = {"epoch": 1, "loss": 0.5, "loop_acc1": 40.0, "loop_acc5": 90.0, "lr": 0.1, "seconds": 1.0}
+    assert rundir.read_metrics(run) == [renamed, current]
+    rundir.truncate_metrics(run, 1)
+    with open(os.path.join(run, rundir.METRICS)) as f:
+        assert [json.loads(line) for line in f] == [renamed]

@@ -73,25 +73,47 @@ def test_lbfgs_step_lowers_the_penalised_loss():
     assert full_loss(objective, x, y, params, args.weight_decay) < 0.9 * before
 
 
-def test_lbfgs_step_is_bitwise_the_authors_step():
-    """The authors' closure adds `0.5 * weight_decay * torch.norm(param) ** 2` to the loss parameter by
-    parameter; after one strong-Wolfe step from the same start on the same batch, every parameter
-    is bit for bit the same as theirs (a line search turns a different last bit into a different step)."""
+class RecordedLBFGSStep(train_2nd_order.LBFGSStep):
+    """The LBFGS step, keeping the value of every evaluation of its closure."""
+    values = None
+
+    def evaluate(self, *args):
+        loss, logits = super().evaluate(*args)
+        self.values.append(loss)
+        return loss, logits
+
+
+def test_lbfgs_steps_are_bitwise_the_authors_steps():
+    """The authors' closure sums the penalty `0.5 * weight_decay * torch.norm(param) ** 2` over the
+    parameters first and then adds it to the loss. Ours does the same ops on the same shapes in the
+    same order, which rounds alike on every CPU, so every closure value of three strong-Wolfe steps
+    from the same start on the same batch, and every parameter after them, is bit for bit theirs
+    (adding each term to the loss in turn differed in the last bit, and the line search made that
+    a different step)."""
     args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
     theirs = copy.deepcopy(model)
     their_optimizer = torch.optim.LBFGS(theirs.parameters(), lr=0.1, history_size=args.history_size,
                                         line_search_fn="strong_wolfe")
+    their_values = []
 
     def their_closure():
+        their_optimizer.zero_grad()
         logits, _ = theirs(x)
         loss = torch.nn.MSELoss()(logits, torch.nn.functional.one_hot(y, K).float())
+        penalty = 0
         for param in theirs.parameters():
-            loss += 0.5 * args.weight_decay * torch.norm(param) ** 2
-        their_optimizer.zero_grad()
+            penalty += 0.5 * args.weight_decay * torch.norm(param) ** 2
+        loss = loss + penalty
         loss.backward()
+        their_values.append(loss.detach())
         return loss
-    their_optimizer.step(their_closure)
-    train_2nd_order.make_lbfgs_step(args)(optimizer, objective, x, y)
+    step = RecordedLBFGSStep(args.weight_decay)
+    step.values = []
+    for _ in range(3):
+        their_optimizer.step(their_closure)
+        step(optimizer, objective, x, y)
+    assert len(step.values) == len(their_values) > 3
+    assert torch.equal(torch.stack(step.values), torch.stack(their_values))
     for (name, ours), theirs_p in zip(model.named_parameters(), theirs.parameters()):
         assert torch.equal(ours, theirs_p), name
 
