@@ -12,7 +12,7 @@ import sys
 import time
 import types
 import warnings
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -27,9 +27,9 @@ from args import VALIDATION_BATCH, explicit_args
 from losses import make_criterion, sep_decay_penalty
 from nc import topk_hits
 from optimizers import make_optimizer, make_scheduler, parse_decay_type
-from utils import (Captured, Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero,
-                   end_distributed, get_device, init_distributed, on_side_stream, rank_device, rng_state,
-                   set_rng_state, set_seed, save_torch, torchrun_env, world)
+from utils import (WRITE_FIX, Captured, Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero,
+                   end_distributed, get_device, init_distributed, is_rank_zero, naming, on_side_stream, rank_device,
+                   rng_state, set_rng_state, set_seed, save_torch, torchrun_env, world)
 
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
 # Options that may differ from the recorded ones when resuming, because they do not change the
@@ -42,6 +42,7 @@ LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the dev
 RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
                      "deterministic", "nc_every", "save_every"}
 NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
+RESUME_FIX = "free the space or move what is in the way, then continue the run with --resume"  # after a failed write
 
 
 class TrainingDiverged(UserError):
@@ -253,6 +254,28 @@ def recorded(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
+def holds_no_epoch(run_dir):
+    """Whether run_dir holds only what a run writes before its first epoch ends (its arguments and log)."""
+    return all(name.startswith(".") or name in (rundir.ARGS, rundir.TRAIN_LOG, rundir.RUNBOOK_LOG)
+               for name in os.listdir(run_dir))
+
+
+@contextmanager
+def attempt(args, run_dir):
+    """Around train(): a new run that fails before its first epoch is written leaves no run behind, so that the corrected
+    command (or, after a full disk, the same one) starts it without --force; and a failed write says
+    which command goes on: that one, or --resume."""
+    try:
+        yield
+    except Exception as e:
+        cleared = not args.resume and is_rank_zero() and os.path.isdir(run_dir) and holds_no_epoch(run_dir)
+        if cleared:
+            rundir.clear(run_dir)
+        if isinstance(e, OSError):
+            e.fix = WRITE_FIX if cleared else RESUME_FIX
+        raise
+
+
 # ---------------------------------------------------------------------------- main
 
 def main(args, make_step, optimizers, given=()):
@@ -266,7 +289,8 @@ def main(args, make_step, optimizers, given=()):
     run_dir = os.path.join(args.save_dir, args.uid)
     with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
         args = check_run_dir(args, dict(given))  # again, now that no other process can change the answer
-        return train(args, step, device, run_dir, note)
+        with attempt(args, run_dir):
+            return train(args, step, device, run_dir, note)
 
 
 def checked(args, optimizers, given):
@@ -333,7 +357,9 @@ def main_torchrun(args, make_step, optimizers, given):
             args = verdict
             device = rank_device(args.device)
             step, note = build_step(args, make_step, device, distributed=True)
-            return train(args, step, device, os.path.join(args.save_dir, args.uid), note)
+            run_dir = os.path.join(args.save_dir, args.uid)
+            with attempt(args, run_dir):
+                return train(args, step, device, run_dir, note)
     finally:
         end_distributed()
 
@@ -503,7 +529,8 @@ def train(args, step, device, run_dir, note=None):
                 record["nc_seconds"] = round(time.time() - t - seconds, 3)
         if not writer:
             continue
-        rundir.append_metrics(run_dir, record)
+        with naming(os.path.join(run_dir, rundir.METRICS)):
+            rundir.append_metrics(run_dir, record)
         rundir.save_state(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "checkpoint_kept": kept, "args": recorded(args), "rng": rng_state(),

@@ -1,0 +1,158 @@
+"""The hostile trial on main (issue "What a referee would find", section 4): a resume onto other data or
+with another thread count, the local cluster's time limit, and the tracebacks where one line was
+promised (a full disk, a network too large for memory, a learning rate float32 cannot hold). Each test
+reproduces one reported failure."""
+import builtins
+import errno
+import os
+import re
+
+import pytest
+import torch
+
+import datasets
+import rundir
+import train_1st_order
+import utils
+from conftest import TINY_RUN, same
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def nothing_under(folder):
+    return not os.path.exists(folder) or not os.listdir(folder)
+
+
+def stopped(capsys, argv, code):
+    """Run a training as its script does; the one `error:` line it printed (after the progress bar,
+    which may share its line) once it exited with `code`, without a traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(train_1st_order.main, argv)
+    err = capsys.readouterr().err
+    errors = re.findall(r"error: [^\r\n]*", err)
+    assert e.value.code == code and "Traceback" not in err and len(errors) == 1, err
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+class Disk:
+    """A disk for everything a training writes (utils.atomic_write through os.fdopen, utils.Log and
+    rundir.append_metrics through open) that fills `after` bytes into the file numbered `full_in`
+    (from 0, in the order they are written): a write that does not fit writes what fits and raises
+    OSError(ENOSPC), as a full disk does, and torch.save wraps that in its own error. `sizes` are the
+    bytes written to each file."""
+
+    def __init__(self, full_in=None, after=0):
+        self.full_in, self.after, self.free, self.sizes = full_in, after, float("inf"), []
+
+    def filling(self, f):
+        if len(self.sizes) == self.full_in:
+            self.free = self.after
+        self.sizes.append(0)
+        return Filling(self, f, len(self.sizes) - 1)
+
+    def install(self, monkeypatch):
+        real_fdopen = os.fdopen
+
+        def fdopen(fd, mode="r", *args, **kwargs):
+            f = real_fdopen(fd, mode, *args, **kwargs)
+            return self.filling(f) if "w" in mode else f
+
+        def open_(path, mode="r", *args, **kwargs):
+            f = builtins.open(path, mode, *args, **kwargs)
+            return self.filling(f) if "a" in mode or "w" in mode else f
+        monkeypatch.setattr(os, "fdopen", fdopen)
+        for module in (utils, rundir):
+            monkeypatch.setattr(module, "open", open_, raising=False)
+
+
+class Filling:
+    def __init__(self, disk, f, number):
+        self.disk, self.f, self.number = disk, f, number
+
+    def write(self, data):
+        n = int(min(len(data), self.disk.free))
+        self.f.write(data[:n])
+        self.disk.free -= n
+        self.disk.sizes[self.number] += n
+        if n < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+DISK_RUN = TINY_RUN + ["--nc_every", "1"]  # every kind of file a run writes: results and info.pkl too
+
+
+@pytest.fixture(scope="module")
+def disk_reference(tmp_path_factory):
+    """(run directory, the size of each file written, in order) of the uninterrupted run."""
+    datasets.load_data("mnist_sample", sample_size=10)  # its cache is not the run's to write
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    disk = Disk()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        disk.install(monkeypatch)
+        run_dir = train_1st_order.main(DISK_RUN + ["--save_dir", str(tmp_path_factory.mktemp("disk")), "--uid", "ref"])
+    torch.set_num_threads(old)
+    return run_dir, disk.sizes
+
+
+FILES_WRITTEN = 16  # by DISK_RUN: args.json; per epoch a checkpoint, result, info.pkl, test_log, metrics, last.pth; 3 log lines
+
+
+def test_the_disk_run_writes_what_the_fill_levels_assume(disk_reference):
+    assert len(disk_reference[1]) == FILES_WRITTEN and min(disk_reference[1]) > 1
+
+
+@pytest.mark.parametrize("level", range(FILES_WRITTEN))
+def test_a_full_disk_is_one_line_naming_the_file_and_the_next_command(disk_reference, tmp_path, monkeypatch,
+                                                                        capsys, level):
+    """The disk fills in the middle of the level-th file a run writes (the trial: a traceback at each
+    of 15 fill levels). Afterwards every file kept is whole, and the command the line names finishes
+    the run as if the disk had never been full."""
+    reference, sizes = disk_reference
+    Disk(full_in=level, after=sizes[level] // 2).install(monkeypatch)
+    argv = DISK_RUN + ["--save_dir", str(tmp_path), "--uid", "full"]
+    try:
+        line = stopped(capsys, argv, utils.EXIT_FAILED)
+    finally:
+        monkeypatch.undo()
+    run_dir = tmp_path / "full"
+    assert re.match(rf"error: {re.escape(str(run_dir))}/\S+: {os.strerror(errno.ENOSPC)};", line), line
+    if run_dir.exists():
+        assert not [name for name in os.listdir(run_dir) if name.startswith(".tmp_")]
+        for epoch, path in rundir.list_checkpoints(run_dir):  # whole, and the uninterrupted run's
+            assert same(torch.load(path, weights_only=True), torch.load(rundir.checkpoint_path(reference, epoch),
+                                                                        weights_only=True)), path
+        assert rundir.load_state(run_dir) is not None or not os.path.exists(run_dir / rundir.LAST)
+    # --resume where the same command would be refused, as a run already there; else the same command
+    resume = "--resume" in line
+    assert resume == rundir.has_run(run_dir)
+    train_1st_order.main(argv + ["--resume"] * resume)
+    for name in ("epoch_001.pth", "epoch_002.pth"):
+        assert same(torch.load(run_dir / name, weights_only=True), torch.load(os.path.join(reference, name),
+                                                                             weights_only=True)), name
+    assert [r["epoch"] for r in rundir.read_metrics(run_dir)] == [1, 2]
+    assert rundir.validated_epochs(run_dir) == {1, 2}
+
+
+# ---------------------------------------------------------------------------- sizes and numbers
+
+def test_a_new_run_that_diverges_in_its_first_epoch_leaves_nothing_and_the_corrected_command_runs(tiny_argv, capsys):
+    """--lr 1e308 (now refused by the parser; 1e30 diverges in its first epoch) left a half-made run
+    that refused the corrected command without --force."""
+    assert "non-finite" in stopped(capsys, tiny_argv("lr", "--lr", "1e30"), utils.EXIT_BAD_INPUT)
+    assert nothing_under(tiny_argv.save_dir)
+    run_dir = train_1st_order.main(tiny_argv("lr", "--lr", "0.05"))
+    assert [e for e, _ in rundir.list_checkpoints(run_dir)] == [1, 2]
