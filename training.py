@@ -62,7 +62,13 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device, hi
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=None)  # None: TTY only
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, logits = step(optimizer, objective, x, y)
+        try:
+            loss, logits = step(optimizer, objective, x, y)
+        except RuntimeError as e:  # a step size beyond float32 (Adam's first steps divide --lr by 1 - beta1)
+            if "without overflow" not in str(e):
+                raise
+            raise TrainingDiverged(f"a step overflowed float32 at epoch {epoch}, batch {i + 1}; "
+                                   f"checkpoints of earlier epochs are kept: {hint}") from e
         sums += torch.cat([(loss.double() * len(y)).view(1), topk_hits(logits, y)])
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
         n += len(y)

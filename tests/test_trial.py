@@ -14,7 +14,8 @@ import datasets
 import rundir
 import train_1st_order
 import utils
-from conftest import TINY_RUN, same
+from args import FLOAT32_MAX, train_parser
+from conftest import TINY_RUN, refused, same
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -149,6 +150,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_next_command(disk_refer
 
 # ---------------------------------------------------------------------------- sizes and numbers
 
+@pytest.mark.parametrize("flag", ["--lr", "--gamma", "--weight_decay", "--feature_decay_rate", "--M", "--k"])
+def test_a_number_beyond_float32_is_refused_by_the_parser(capsys, tiny_argv, flag):
+    """--lr 1e308 ended in a traceback from the optimiser (it cannot be converted to float32)."""
+    message = refused(capsys, train_1st_order.main, tiny_argv("big", flag, "1e308"))
+    assert flag in message and "1e308" in message and f"{FLOAT32_MAX:.4g}" in message
+    assert nothing_under(tiny_argv.save_dir)
+
+
+def test_the_largest_float32_is_accepted():
+    assert train_parser().parse_args(["--lr", repr(FLOAT32_MAX)]).lr == FLOAT32_MAX
+
+
 def test_a_new_run_that_diverges_in_its_first_epoch_leaves_nothing_and_the_corrected_command_runs(tiny_argv, capsys):
     """--lr 1e308 (now refused by the parser; 1e30 diverges in its first epoch) left a half-made run
     that refused the corrected command without --force."""
@@ -156,3 +169,9 @@ def test_a_new_run_that_diverges_in_its_first_epoch_leaves_nothing_and_the_corre
     assert nothing_under(tiny_argv.save_dir)
     run_dir = train_1st_order.main(tiny_argv("lr", "--lr", "0.05"))
     assert [e for e, _ in rundir.list_checkpoints(run_dir)] == [1, 2]
+
+
+def test_a_step_that_overflows_float32_stops_the_run_in_one_line(tiny_argv, capsys):
+    """Adam's first step divides --lr by 1 - beta1 = 0.1: 1e38 / 0.1 is beyond float32."""
+    message = stopped(capsys, tiny_argv("adam", "--optimizer", "Adam", "--lr", "1e38"), utils.EXIT_BAD_INPUT)
+    assert "overflowed float32 at epoch 1, batch 1" in message and "lower --lr" in message
