@@ -260,6 +260,36 @@ def recorded(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
+def least_parameters(args):
+    """A lower bound on the parameter count of the network the arguments describe, from its largest
+    weight tensors alone, computed without building it: sizes only the flags make large."""
+    if args.model == "MLP":  # its input is a flattened 3x32x32 image; then depth - 1 square layers
+        return 3 * 32 * 32 * args.width + (args.depth - 1) * args.width ** 2
+    if args.model == "ResNet18_adapt":  # three of layer4's 3x3 convolutions map 8k channels to 8k
+        return 3 * 9 * (8 * args.width) ** 2
+    return 512 * args.fixdim  # the last block's shortcut maps at least 512 channels to d
+
+
+def memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(args, device):
+    """Refuse, before anything is built or written, a network whose weights and gradients (float32,
+    4 bytes each) alone exceed the device's memory: the allocator would fail with a traceback, or,
+    where memory is overcommitted, the process would be killed mid-run."""
+    n = least_parameters(args)
+    need, have = 2 * 4 * n, memory_bytes(device)
+    if need > have:
+        sizes = {"MLP": ("width", "depth"), "ResNet18_adapt": ("width",)}.get(args.model, ("fixdim",))
+        flags = " ".join(f"--{k} {getattr(args, k)}" for k in sizes)
+        raise UserError(f"--model {args.model} {flags} has {n:.3g} parameters or more, whose weights and gradients "
+                        f"alone take {need / 2 ** 30:,.0f} GiB, more than the {have / 2 ** 30:,.0f} GiB of {device}: "
+                        f"choose a smaller {' or '.join('--' + k for k in sizes)}")
+
+
 def holds_no_epoch(run_dir):
     """Whether run_dir holds only what a run writes before its first epoch ends (its arguments and log)."""
     return all(name.startswith(".") or name in (rundir.ARGS, rundir.TRAIN_LOG, rundir.RUNBOOK_LOG)
@@ -291,6 +321,7 @@ def main(args, make_step, optimizers, given=()):
         return main_torchrun(args, make_step, optimizers, given)
     args = checked(args, optimizers, given)
     device = get_device(args.gpu_id, args.device)
+    check_fits(args, device)
     step, note = build_step(args, make_step, device)
     run_dir = os.path.join(args.save_dir, args.uid)
     with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
@@ -349,7 +380,7 @@ def main_torchrun(args, make_step, optimizers, given):
                 try:
                     args = checked(args, optimizers, given)
                     check_torchrun(args, size)
-                    rank_device(args.device)  # refuses a bad --device here, once
+                    check_fits(args, rank_device(args.device))  # refuses a bad --device here, once
                     run_dir = os.path.join(args.save_dir, args.uid)
                     lock.enter_context(rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"))
                     verdict = check_run_dir(args, dict(given))

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import datasets
+import models
 import rundir
 import train_1st_order
+import training
 import utils
 from args import FLOAT32_MAX, train_parser
 from conftest import TINY_RUN, refused, same
@@ -149,6 +151,25 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_next_command(disk_refer
 
 
 # ---------------------------------------------------------------------------- sizes and numbers
+
+@pytest.mark.parametrize("flags", [["--width", "10000000000"], ["--depth", "1000000000000"],
+                                   ["--model", "ResNet18_adapt", "--width", "1000000"],
+                                   ["--model", "resnet18", "--fixdim", "1000000000000"]])
+def test_a_network_larger_than_memory_is_refused_before_anything_is_written(tiny_argv, capsys, flags):
+    """--width 1000000000 ended in the allocator's traceback, and left a run directory behind."""
+    message = refused(capsys, train_1st_order.main, tiny_argv("huge", *flags))
+    assert "GiB" in message and flags[-2] in message and "choose a smaller" in message
+    assert nothing_under(tiny_argv.save_dir)
+
+
+@pytest.mark.parametrize("flags", [["--model", "MLP", "--width", "7", "--depth", "3"],
+                                   ["--model", "ResNet18_adapt", "--width", "2"],
+                                   ["--model", "resnet50", "--fixdim", "20", "--ETF_fc"]])
+def test_the_size_check_counts_no_more_parameters_than_the_network_has(flags):
+    args = train_parser().parse_args(flags)
+    network = models.build_model(args, 10)
+    assert 0 < training.least_parameters(args) <= sum(p.numel() for p in network.parameters())
+
 
 @pytest.mark.parametrize("flag", ["--lr", "--gamma", "--weight_decay", "--feature_decay_rate", "--M", "--k"])
 def test_a_number_beyond_float32_is_refused_by_the_parser(capsys, tiny_argv, flag):
