@@ -42,6 +42,10 @@ LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the dev
 RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
                      "deterministic", "nc_every", "save_every"}
 NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
+# Recorded in args.json beside the arguments when a run starts (not a flag): the digest of the images
+# and labels it trains on (validate_NC.data_key: the same data wherever they lie), which a resume must
+# find again. Runs from before it was recorded resume as before.
+DATA_KEY = "data_key"
 RESUME_FIX = "free the space or move what is in the way, then continue the run with --resume"  # after a failed write
 
 
@@ -290,6 +294,20 @@ def check_fits(args, device):
                         f"choose a smaller {' or '.join('--' + k for k in sizes)}")
 
 
+def check_same_data(args, key):
+    """A new run records the digest `key` of its data; a resumed one must be given the same data
+    (moved, perhaps: --data_dir may change), or it would train its later epochs on other images and
+    lose the NC results of its earlier ones. Refused in one line before anything is written."""
+    if not args.resume:
+        setattr(args, DATA_KEY, key)
+        return
+    started = getattr(args, DATA_KEY, None)
+    if started is not None and started != key:
+        raise UserError(f"--resume: the {args.dataset} images and labels found now (--data_dir {args.data_dir}) "
+                        f"are not those this run trained on (data digest {key[:12]}, the run's {started[:12]}): "
+                        "give the --data_dir of the run's data, or start a new --uid")
+
+
 def holds_no_epoch(run_dir):
     """Whether run_dir holds only what a run writes before its first epoch ends (its arguments and log)."""
     return all(name.startswith(".") or name in (rundir.ARGS, rundir.TRAIN_LOG, rundir.RUNBOOK_LOG)
@@ -465,6 +483,7 @@ def train(args, step, device, run_dir, note=None):
     """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log."""
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
+    check_same_data(args, validate_NC.data_key(data))
     model, channels_last = models.build_on_device(args, data.num_classes, device)
     # Under torchrun the forward pass runs through DDP (gradients all-reduced in backward); `model`
     # stays the plain module, whose state_dict the files hold, as in one process.

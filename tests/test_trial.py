@@ -4,6 +4,7 @@ promised (a full disk, a network too large for memory, a learning rate float32 c
 reproduces one reported failure."""
 import builtins
 import errno
+import json
 import os
 import re
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import datasets
+import fake_data
 import models
 import rundir
 import train_1st_order
@@ -36,6 +38,55 @@ def stopped(capsys, argv, code):
     errors = re.findall(r"error: [^\r\n]*", err)
     assert e.value.code == code and "Traceback" not in err and len(errors) == 1, err
     return errors[0]
+
+
+# ---------------------------------------------------------------------------- resume onto other data
+
+@pytest.fixture
+def two_data_sets(tmp_path):
+    """Two MNIST folders of the same shape and other images."""
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    fake_data.write_mnist(str(d1), seed=0)
+    fake_data.write_mnist(str(d2), seed=1)
+    return d1, d2
+
+
+def read_args(run_dir):
+    return json.loads((run_dir / rundir.ARGS).read_text())
+
+
+def write_args(run_dir, args):
+    (run_dir / rundir.ARGS).write_text(json.dumps(args))
+
+
+def run_files(run_dir):
+    """The run's files as fake_data.snapshot_tree sees them, without the lock (whose holder writes its pid)."""
+    files, folders = fake_data.snapshot_tree(run_dir)
+    return {k: v for k, v in files.items() if k != rundir.TRAIN_LOCK}, folders
+
+
+MNIST = ["--dataset", "mnist", "--sample_size", 3, "--batch_size", 10]
+
+
+def test_a_resume_onto_other_data_is_refused_and_changes_nothing(tiny_argv, two_data_sets, capsys):
+    d1, d2 = two_data_sets
+    run_dir = tiny_argv.save_dir / "other"
+    train_1st_order.main(tiny_argv("other", *MNIST, "--data_dir", d1, "--epochs", 1, "--nc_every", 1))
+    before = run_files(run_dir)
+    message = refused(capsys, train_1st_order.main, tiny_argv("other", *MNIST, "--data_dir", d2, "--resume"))
+    assert "--data_dir" in message and str(d2) in message and "not those this run trained on" in message
+    assert run_files(run_dir) == before  # info.pkl keeps epoch 1; nothing trained on d2
+
+
+def test_a_run_that_recorded_no_data_digest_resumes_as_before(tiny_argv, two_data_sets):
+    d1, d2 = two_data_sets
+    run_dir = tiny_argv.save_dir / "old"
+    train_1st_order.main(tiny_argv("old", *MNIST, "--data_dir", d1, "--epochs", 1))
+    args = read_args(run_dir)
+    write_args(run_dir, {k: v for k, v in args.items() if k != training.DATA_KEY})
+    train_1st_order.main(tiny_argv("old", *MNIST, "--data_dir", d2, "--resume"))
+    assert [e for e, _ in rundir.list_checkpoints(run_dir)] == [1, 2]
+    assert training.DATA_KEY not in read_args(run_dir)
 
 
 # ---------------------------------------------------------------------------- a full disk
