@@ -185,7 +185,10 @@ def execute(items, jobs=1, gpus=None):
                 if jobs > 1:  # one run's output per file: interleaved on a console it is unreadable
                     os.makedirs(run_dir, exist_ok=True)
                     log = os.path.join(run_dir, rundir.RUNBOOK_LOG)
-                code = children.run(command(script, arguments), log, env)
+                # A resumed run goes on with the CPU threads it started with (training pins them unless
+                # OMP_NUM_THREADS asks otherwise), so that its numbers are an uninterrupted run's: the
+                # runbook's share of the cores is left out of its environment.
+                code = children.run(command(script, arguments), log, None if "--resume" in arguments else env)
                 print(f"{'finished' if code == 0 else f'FAILED (exit {code})'}: {format_step((script, arguments))}"
                       + (f" (log: {log})" if log else ""), flush=True)
                 if code != 0:

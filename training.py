@@ -42,10 +42,12 @@ LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the dev
 RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
                      "deterministic", "nc_every", "save_every"}
 NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
-# Recorded in args.json beside the arguments when a run starts (not a flag): the digest of the images
-# and labels it trains on (validate_NC.data_key: the same data wherever they lie), which a resume must
-# find again. Runs from before it was recorded resume as before.
-DATA_KEY = "data_key"
+# Recorded in args.json beside the arguments when a run starts (neither is a flag): the digest of the
+# images and labels it trains on (validate_NC.data_key: the same data wherever they lie), which a
+# resume must find again, and the number of CPU threads, which a resume on the CPU keeps (a sum split
+# over another number of threads rounds differently). Runs from before these were recorded resume as before.
+DATA_KEY, THREADS = "data_key", "num_threads"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count asked for explicitly
 RESUME_FIX = "free the space or move what is in the way, then continue the run with --resume"  # after a failed write
 
 
@@ -308,6 +310,26 @@ def check_same_data(args, key):
                         "give the --data_dir of the run's data, or start a new --uid")
 
 
+def keep_threads(args, device):
+    """A new run records its CPU thread count; resumed on the CPU, a run goes on with the count it
+    started with (torch.set_num_threads), so that its numbers are an uninterrupted run's, unless
+    OMP_NUM_THREADS or MKL_NUM_THREADS asks for a count: then it keeps that, and the one-line note
+    returned says that later epochs may differ (None otherwise)."""
+    now = torch.get_num_threads()
+    if not args.resume:
+        setattr(args, THREADS, now)
+        return None
+    started = getattr(args, THREADS, None)
+    if started is None or started == now or device.type != "cpu":
+        return None
+    asked = [name for name in THREAD_VARIABLES if os.environ.get(name)]
+    if not asked:
+        torch.set_num_threads(started)
+        return None
+    return (f"note: {now} CPU threads ({asked[0]}), where this run started with {started}: its later epochs may "
+            f"differ in the last bits from an uninterrupted run's (without {asked[0]} it would keep {started})")
+
+
 def holds_no_epoch(run_dir):
     """Whether run_dir holds only what a run writes before its first epoch ends (its arguments and log)."""
     return all(name.startswith(".") or name in (rundir.ARGS, rundir.TRAIN_LOG, rundir.RUNBOOK_LOG)
@@ -316,9 +338,11 @@ def holds_no_epoch(run_dir):
 
 @contextmanager
 def attempt(args, run_dir):
-    """Around train(): a new run that fails before its first epoch is written leaves no run behind, so that the corrected
+    """Around train(): the CPU thread count as it was before, afterwards (a resume may pin another).
+    A new run that fails before its first epoch is written leaves no run behind, so that the corrected
     command (or, after a full disk, the same one) starts it without --force; and a failed write says
     which command goes on: that one, or --resume."""
+    threads = torch.get_num_threads()
     try:
         yield
     except Exception as e:
@@ -328,6 +352,8 @@ def attempt(args, run_dir):
         if isinstance(e, OSError):
             e.fix = WRITE_FIX if cleared else RESUME_FIX
         raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- main
@@ -484,6 +510,7 @@ def train(args, step, device, run_dir, note=None):
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     check_same_data(args, validate_NC.data_key(data))
+    threads_note = keep_threads(args, device)
     model, channels_last = models.build_on_device(args, data.num_classes, device)
     # Under torchrun the forward pass runs through DDP (gradients all-reduced in backward); `model`
     # stays the plain module, whose state_dict the files hold, as in one process.
@@ -536,7 +563,7 @@ def train(args, step, device, run_dir, note=None):
            if distributed else ""))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if writer else (lambda *a, **k: None)
-    for line in filter(None, (note, order_note)):
+    for line in filter(None, (note, order_note, threads_note)):
         log(line)
         say(line)
     say(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "

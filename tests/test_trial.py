@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import datasets
+import experiments
 import fake_data
 import models
 import rundir
@@ -83,10 +84,63 @@ def test_a_run_that_recorded_no_data_digest_resumes_as_before(tiny_argv, two_dat
     run_dir = tiny_argv.save_dir / "old"
     train_1st_order.main(tiny_argv("old", *MNIST, "--data_dir", d1, "--epochs", 1))
     args = read_args(run_dir)
-    write_args(run_dir, {k: v for k, v in args.items() if k != training.DATA_KEY})
+    write_args(run_dir, {k: v for k, v in args.items() if k not in (training.DATA_KEY, training.THREADS)})
     train_1st_order.main(tiny_argv("old", *MNIST, "--data_dir", d2, "--resume"))
     assert [e for e, _ in rundir.list_checkpoints(run_dir)] == [1, 2]
     assert training.DATA_KEY not in read_args(run_dir)
+
+
+# ---------------------------------------------------------------------------- resume with other threads
+
+@pytest.fixture
+def threads_seen(monkeypatch):
+    """The CPU thread count of each epoch trained from now on."""
+    seen, real = [], training.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", spy)
+    return seen
+
+
+def test_a_resume_on_the_cpu_keeps_the_thread_count_the_run_started_with(tiny_argv, monkeypatch, threads_seen):
+    """A run started under `experiments.py --jobs 2` (one thread) and resumed under --jobs 1 (the
+    machine's default, here two) went on with two threads and other numbers."""
+    for name in training.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    run_dir = train_1st_order.main(tiny_argv("pinned", "--epochs", 1))  # under single_thread: one thread
+    torch.set_num_threads(2)  # a new process whose default is two
+    train_1st_order.main(tiny_argv("pinned", "--resume"))
+    assert threads_seen == [1, 1]
+    assert torch.get_num_threads() == 2  # given back afterwards
+    assert json.loads(open(os.path.join(run_dir, rundir.ARGS)).read())[training.THREADS] == 1
+
+
+def test_a_thread_count_asked_for_on_resume_is_used_and_said_in_one_line(tiny_argv, monkeypatch, capsys, threads_seen):
+    run_dir = train_1st_order.main(tiny_argv("asked", "--epochs", 1))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)  # as a process started under OMP_NUM_THREADS=2 has
+    capsys.readouterr()
+    train_1st_order.main(tiny_argv("asked", "--resume"))
+    assert threads_seen == [1, 2]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "OMP_NUM_THREADS" in line]
+    assert len(notes) == 1 and "started with 1" in notes[0] and "may differ" in notes[0]
+    assert notes[0] in open(os.path.join(run_dir, rundir.TRAIN_LOG)).read()
+
+
+def test_the_runbook_leaves_its_thread_share_out_of_a_resumed_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    envs = {}
+
+    def run(self, command, log=None, env=None):
+        envs[command[command.index("--uid") + 1]] = env
+        return 0
+    monkeypatch.setattr(experiments.Children, "run", run)
+    items = [("run", str(tmp_path / uid), [("train_1st_order.py", ["--uid", uid, *flags])])
+             for uid, flags in (("new", []), ("half_done", ["--resume"]))]
+    experiments.execute(items, jobs=2)
+    assert "OMP_NUM_THREADS" in envs["new"] and envs["half_done"] is None  # None: the runbook's own environment
 
 
 # ---------------------------------------------------------------------------- a full disk
