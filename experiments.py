@@ -231,8 +231,9 @@ def submit(items, args):
         raise UserError("--slurm: no SLURM scheduler here (sbatch is not on PATH); run the runbook on a node "
                         "that submits jobs, or --cluster local to try the path on this machine")
     executor = submitit.AutoExecutor(folder=os.path.join(args.root, "slurm_logs", "%j"), cluster=args.cluster)
-    if args.cluster == "slurm":
-        executor.update_parameters(**{k: v for k, v in resources.items() if v is not None})
+    # The local executor takes the time limit and GPUs too: left to its defaults, it stops each job after
+    # 90 s and hides every GPU from it. (What it cannot use, the partition, CPUs and memory, it ignores.)
+    executor.update_parameters(**{k: v for k, v in resources.items() if v is not None})
     submitted = []
     for run_dir, line in jobs:
         executor.update_parameters(name=os.path.basename(run_dir)[:64])

@@ -143,6 +143,28 @@ def test_the_runbook_leaves_its_thread_share_out_of_a_resumed_run(tmp_path, monk
     assert "OMP_NUM_THREADS" in envs["new"] and envs["half_done"] is None  # None: the runbook's own environment
 
 
+# ---------------------------------------------------------------------------- the local cluster's time limit
+
+def test_the_local_cluster_gets_the_time_limit_and_gpus(tmp_path, monkeypatch, capsys):
+    """`--slurm --cluster local --time 600` stopped every job after about 90 s (submitit's local default)."""
+    submitit = pytest.importorskip("submitit")
+    seen = []
+
+    class Job:
+        job_id = "1"
+
+        def result(self):
+            return None
+
+    def submit(executor, fn):
+        seen.append(dict(executor._executor.parameters))
+        return Job()
+    monkeypatch.setattr(submitit.AutoExecutor, "submit", submit)
+    experiments.main(["--figure", "optim", "--root", str(tmp_path), "--slurm", "--cluster", "local",
+                      "--time", "600", "--gpus_per_job", "1"])
+    assert len(seen) == 3 and all(p["timeout_min"] == 600 and p["gpus_per_node"] == 1 for p in seen)
+
+
 # ---------------------------------------------------------------------------- a full disk
 
 class Disk:
