@@ -8,6 +8,8 @@ import copy
 import math
 import os
 
+import numpy as np
+
 from datasets import DATASETS
 from losses import LOSSES
 from models import MODELS
@@ -61,6 +63,26 @@ def positive_float(text):
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+# Networks train in float32, which holds nothing beyond this: a larger --lr or weight decay cannot even
+# be converted for the optimiser's step, and a larger M or k makes every loss infinite.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def within_float32(value, text):
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.4g}, the largest float32 (networks "
+                                         f"train in float32), got {text}")
+    return value
+
+
+def positive_float32(text):
+    return within_float32(positive_float(text), text)
+
+
+def nonnegative_float32(text):
+    return within_float32(nonnegative_float(text), text)
 
 
 def path(text):
@@ -124,20 +146,20 @@ def train_parser(default_optimizer="SGD", description=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=200)
     g.add_argument("--loss", default="MSE", choices=LOSSES)
-    g.add_argument("--M", type=positive_float, default=1.0, help="RescaledMSE: target value of the true class")
-    g.add_argument("--k", type=positive_float, default=1.0, help="RescaledMSE: weight of the true class (alpha in the paper)")
+    g.add_argument("--M", type=positive_float32, default=1.0, help="RescaledMSE: target value of the true class")
+    g.add_argument("--k", type=positive_float32, default=1.0, help="RescaledMSE: weight of the true class (alpha in the paper)")
     g.add_argument("--sample_size", type=positive_int, default=None, help="training images per class (default: all)")
     g.add_argument("--optimizer", default=default_optimizer, choices=FIRST_ORDER + SECOND_ORDER,
                    help="SGD and Adam run in train_1st_order.py, LBFGS in train_2nd_order.py")
-    g.add_argument("--lr", type=positive_float, default=0.1)
+    g.add_argument("--lr", type=positive_float32, default=0.1)
     g.add_argument("--patience", type=positive_int, default=40, help="StepLR: epochs between decays")
     g.add_argument("--decay_type", default="step",
                    help="step (every --patience epochs), step_a_b_c (at epochs a, b, c) or cosine")
-    g.add_argument("--gamma", type=positive_float, default=0.1, help="learning-rate decay factor")
-    g.add_argument("--weight_decay", type=nonnegative_float, default=5e-4)
+    g.add_argument("--gamma", type=positive_float32, default=0.1, help="learning-rate decay factor")
+    g.add_argument("--weight_decay", type=nonnegative_float32, default=5e-4)
     g.add_argument("--sep_decay", action="store_true",
                    help="decay only the classifier (W, b) and the features h, instead of all parameters")
-    g.add_argument("--feature_decay_rate", type=nonnegative_float, default=1e-4,
+    g.add_argument("--feature_decay_rate", type=nonnegative_float32, default=1e-4,
                    help="--sep_decay: weight of (1/2) sum_i ||h_i||^2 over the batch")
     g.add_argument("--history_size", type=positive_int, default=10, help="LBFGS memory")
     g = p.add_argument_group("what a run keeps")

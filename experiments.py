@@ -185,7 +185,10 @@ def execute(items, jobs=1, gpus=None):
                 if jobs > 1:  # one run's output per file: interleaved on a console it is unreadable
                     os.makedirs(run_dir, exist_ok=True)
                     log = os.path.join(run_dir, rundir.RUNBOOK_LOG)
-                code = children.run(command(script, arguments), log, env)
+                # A resumed run goes on with the CPU threads it started with (training pins them unless
+                # OMP_NUM_THREADS asks otherwise), so that its numbers are an uninterrupted run's: the
+                # runbook's share of the cores is left out of its environment.
+                code = children.run(command(script, arguments), log, None if "--resume" in arguments else env)
                 print(f"{'finished' if code == 0 else f'FAILED (exit {code})'}: {format_step((script, arguments))}"
                       + (f" (log: {log})" if log else ""), flush=True)
                 if code != 0:
@@ -228,8 +231,9 @@ def submit(items, args):
         raise UserError("--slurm: no SLURM scheduler here (sbatch is not on PATH); run the runbook on a node "
                         "that submits jobs, or --cluster local to try the path on this machine")
     executor = submitit.AutoExecutor(folder=os.path.join(args.root, "slurm_logs", "%j"), cluster=args.cluster)
-    if args.cluster == "slurm":
-        executor.update_parameters(**{k: v for k, v in resources.items() if v is not None})
+    # The local executor takes the time limit and GPUs too: left to its defaults, it stops each job after
+    # 90 s and hides every GPU from it. (What it cannot use, the partition, CPUs and memory, it ignores.)
+    executor.update_parameters(**{k: v for k, v in resources.items() if v is not None})
     submitted = []
     for run_dir, line in jobs:
         executor.update_parameters(name=os.path.basename(run_dir)[:64])

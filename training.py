@@ -12,7 +12,7 @@ import sys
 import time
 import types
 import warnings
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -27,9 +27,9 @@ from args import VALIDATION_BATCH, explicit_args
 from losses import make_criterion, sep_decay_penalty
 from nc import topk_hits
 from optimizers import make_optimizer, make_scheduler, parse_decay_type
-from utils import (Captured, Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero,
-                   end_distributed, get_device, init_distributed, on_side_stream, rank_device, rng_state,
-                   set_rng_state, set_seed, save_torch, torchrun_env, world)
+from utils import (WRITE_FIX, Captured, Log, RefusedOnRankZero, UserError, all_finite, broadcast_from_rank_zero,
+                   end_distributed, get_device, init_distributed, is_rank_zero, naming, on_side_stream, rank_device,
+                   rng_state, set_rng_state, set_seed, save_torch, torchrun_env, world)
 
 LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the device)
 # Options that may differ from the recorded ones when resuming, because they do not change the
@@ -42,6 +42,13 @@ LOG_EVERY = 50  # steps between progress-bar updates (each one waits for the dev
 RESUME_MAY_CHANGE = {"gpu_id", "device", "num_workers", "epochs", "save_dir", "uid", "data_dir", "cuda_graph",
                      "deterministic", "nc_every", "save_every"}
 NOT_RECORDED = ("resume", "force")  # what this command does, not what the run is
+# Recorded in args.json beside the arguments when a run starts (neither is a flag): the digest of the
+# images and labels it trains on (validate_NC.data_key: the same data wherever they lie), which a
+# resume must find again, and the number of CPU threads, which a resume on the CPU keeps (a sum split
+# over another number of threads rounds differently). Runs from before these were recorded resume as before.
+DATA_KEY, THREADS = "data_key", "num_threads"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count asked for explicitly
+RESUME_FIX = "free the space or move what is in the way, then continue the run with --resume"  # after a failed write
 
 
 class TrainingDiverged(UserError):
@@ -61,7 +68,13 @@ def train_one_epoch(model, loader, step, optimizer, objective, epoch, device, hi
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=None)  # None: TTY only
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, logits = step(optimizer, objective, x, y)
+        try:
+            loss, logits = step(optimizer, objective, x, y)
+        except RuntimeError as e:  # a step size beyond float32 (Adam's first steps divide --lr by 1 - beta1)
+            if "without overflow" not in str(e):
+                raise
+            raise TrainingDiverged(f"a step overflowed float32 at epoch {epoch}, batch {i + 1}; "
+                                   f"checkpoints of earlier epochs are kept: {hint}") from e
         sums += torch.cat([(loss.double() * len(y)).view(1), topk_hits(logits, y)])
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
         n += len(y)
@@ -253,6 +266,96 @@ def recorded(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
+def least_parameters(args):
+    """A lower bound on the parameter count of the network the arguments describe, from its largest
+    weight tensors alone, computed without building it: sizes only the flags make large."""
+    if args.model == "MLP":  # its input is a flattened 3x32x32 image; then depth - 1 square layers
+        return 3 * 32 * 32 * args.width + (args.depth - 1) * args.width ** 2
+    if args.model == "ResNet18_adapt":  # three of layer4's 3x3 convolutions map 8k channels to 8k
+        return 3 * 9 * (8 * args.width) ** 2
+    return 512 * args.fixdim  # the last block's shortcut maps at least 512 channels to d
+
+
+def memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(args, device):
+    """Refuse, before anything is built or written, a network whose weights and gradients (float32,
+    4 bytes each) alone exceed the device's memory: the allocator would fail with a traceback, or,
+    where memory is overcommitted, the process would be killed mid-run."""
+    n = least_parameters(args)
+    need, have = 2 * 4 * n, memory_bytes(device)
+    if need > have:
+        sizes = {"MLP": ("width", "depth"), "ResNet18_adapt": ("width",)}.get(args.model, ("fixdim",))
+        flags = " ".join(f"--{k} {getattr(args, k)}" for k in sizes)
+        raise UserError(f"--model {args.model} {flags} has {n:.3g} parameters or more, whose weights and gradients "
+                        f"alone take {need / 2 ** 30:,.0f} GiB, more than the {have / 2 ** 30:,.0f} GiB of {device}: "
+                        f"choose a smaller {' or '.join('--' + k for k in sizes)}")
+
+
+def check_same_data(args, key):
+    """A new run records the digest `key` of its data; a resumed one must be given the same data
+    (moved, perhaps: --data_dir may change), or it would train its later epochs on other images and
+    lose the NC results of its earlier ones. Refused in one line before anything is written."""
+    if not args.resume:
+        setattr(args, DATA_KEY, key)
+        return
+    started = getattr(args, DATA_KEY, None)
+    if started is not None and started != key:
+        raise UserError(f"--resume: the {args.dataset} images and labels found now (--data_dir {args.data_dir}) "
+                        f"are not those this run trained on (data digest {key[:12]}, the run's {started[:12]}): "
+                        "give the --data_dir of the run's data, or start a new --uid")
+
+
+def keep_threads(args, device):
+    """A new run records its CPU thread count; resumed on the CPU, a run goes on with the count it
+    started with (torch.set_num_threads), so that its numbers are an uninterrupted run's, unless
+    OMP_NUM_THREADS or MKL_NUM_THREADS asks for a count: then it keeps that, and the one-line note
+    returned says that later epochs may differ (None otherwise)."""
+    now = torch.get_num_threads()
+    if not args.resume:
+        setattr(args, THREADS, now)
+        return None
+    started = getattr(args, THREADS, None)
+    if started is None or started == now or device.type != "cpu":
+        return None
+    asked = [name for name in THREAD_VARIABLES if os.environ.get(name)]
+    if not asked:
+        torch.set_num_threads(started)
+        return None
+    return (f"note: {now} CPU threads ({asked[0]}), where this run started with {started}: its later epochs may "
+            f"differ in the last bits from an uninterrupted run's (without {asked[0]} it would keep {started})")
+
+
+def holds_no_epoch(run_dir):
+    """Whether run_dir holds only what a run writes before its first epoch ends (its arguments and log)."""
+    return all(name.startswith(".") or name in (rundir.ARGS, rundir.TRAIN_LOG, rundir.RUNBOOK_LOG)
+               for name in os.listdir(run_dir))
+
+
+@contextmanager
+def attempt(args, run_dir):
+    """Around train(): the CPU thread count as it was before, afterwards (a resume may pin another).
+    A new run that fails before its first epoch is written leaves no run behind, so that the corrected
+    command (or, after a full disk, the same one) starts it without --force; and a failed write says
+    which command goes on: that one, or --resume."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    except Exception as e:
+        cleared = not args.resume and is_rank_zero() and os.path.isdir(run_dir) and holds_no_epoch(run_dir)
+        if cleared:
+            rundir.clear(run_dir)
+        if isinstance(e, OSError):
+            e.fix = WRITE_FIX if cleared else RESUME_FIX
+        raise
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------- main
 
 def main(args, make_step, optimizers, given=()):
@@ -262,11 +365,13 @@ def main(args, make_step, optimizers, given=()):
         return main_torchrun(args, make_step, optimizers, given)
     args = checked(args, optimizers, given)
     device = get_device(args.gpu_id, args.device)
+    check_fits(args, device)
     step, note = build_step(args, make_step, device)
     run_dir = os.path.join(args.save_dir, args.uid)
     with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
         args = check_run_dir(args, dict(given))  # again, now that no other process can change the answer
-        return train(args, step, device, run_dir, note)
+        with attempt(args, run_dir):
+            return train(args, step, device, run_dir, note)
 
 
 def checked(args, optimizers, given):
@@ -319,7 +424,7 @@ def main_torchrun(args, make_step, optimizers, given):
                 try:
                     args = checked(args, optimizers, given)
                     check_torchrun(args, size)
-                    rank_device(args.device)  # refuses a bad --device here, once
+                    check_fits(args, rank_device(args.device))  # refuses a bad --device here, once
                     run_dir = os.path.join(args.save_dir, args.uid)
                     lock.enter_context(rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"))
                     verdict = check_run_dir(args, dict(given))
@@ -333,7 +438,9 @@ def main_torchrun(args, make_step, optimizers, given):
             args = verdict
             device = rank_device(args.device)
             step, note = build_step(args, make_step, device, distributed=True)
-            return train(args, step, device, os.path.join(args.save_dir, args.uid), note)
+            run_dir = os.path.join(args.save_dir, args.uid)
+            with attempt(args, run_dir):
+                return train(args, step, device, run_dir, note)
     finally:
         end_distributed()
 
@@ -402,6 +509,8 @@ def train(args, step, device, run_dir, note=None):
     """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log."""
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
+    check_same_data(args, validate_NC.data_key(data))
+    threads_note = keep_threads(args, device)
     model, channels_last = models.build_on_device(args, data.num_classes, device)
     # Under torchrun the forward pass runs through DDP (gradients all-reduced in backward); `model`
     # stays the plain module, whose state_dict the files hold, as in one process.
@@ -454,7 +563,7 @@ def train(args, step, device, run_dir, note=None):
            if distributed else ""))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say = print if writer else (lambda *a, **k: None)
-    for line in filter(None, (note, order_note)):
+    for line in filter(None, (note, order_note, threads_note)):
         log(line)
         say(line)
     say(f"run {run_dir}: {args.model} on {args.dataset} ({len(data.train_labels)} training images, "
@@ -503,7 +612,8 @@ def train(args, step, device, run_dir, note=None):
                 record["nc_seconds"] = round(time.time() - t - seconds, 3)
         if not writer:
             continue
-        rundir.append_metrics(run_dir, record)
+        with naming(os.path.join(run_dir, rundir.METRICS)):
+            rundir.append_metrics(run_dir, record)
         rundir.save_state(run_dir, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "checkpoint_kept": kept, "args": recorded(args), "rng": rng_state(),

@@ -36,6 +36,11 @@ def _interrupted(e):
     return False
 
 
+# What run_main suggests after a failed write, unless the error carries a `fix` of its own (training's
+# says whether to run the command again or to continue with --resume).
+WRITE_FIX = "free the space or move what is in the way, then run the command again"
+
+
 def run_main(main, *args):
     """Call main(*args) as a script does: a UserError becomes a one-line message on stderr and exit
     status 2; a file-system error one line and status 1; Ctrl-C one line and status 130, however
@@ -51,8 +56,8 @@ def run_main(main, *args):
         if _interrupted(e):
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; files written before this are complete: free the space "
-              "or move what is in the way, then run the command again", file=sys.stderr)
+        print(f"error: {where}{e.strerror or e}; files written before this are complete: "
+              f"{getattr(e, 'fix', None) or WRITE_FIX}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except BaseException as e:
         if not _interrupted(e):
@@ -244,18 +249,46 @@ def make_criterion(args, num_classes=None):
 
 # ---------------------------------------------------------------------------- files
 
+def write_error(e):
+    """The OSError behind a failed write: e itself, or the one e was raised while handling (torch.save
+    turns a full disk into a RuntimeError); None when there is none, or when a Ctrl-C struck."""
+    seen, found = set(), None
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return None
+        found = found or (e if isinstance(e, OSError) else None)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return found
+
+
+@contextmanager
+def naming(path):
+    """A write to `path` inside that fails (full disk, file-size limit, ...) raises an OSError naming
+    `path`, so that the one-line error says which file could not be written."""
+    try:
+        yield
+    except BaseException as e:
+        failed = write_error(e)
+        if failed is None or (isinstance(e, OSError) and e.filename):
+            raise
+        raise OSError(failed.errno, failed.strerror or str(failed), path) from e
+
+
 def atomic_write(path, write):
     """write(f) into a temporary file beside `path`, flush it to disk, then rename it into place.
 
-    A process killed at any instant leaves either the old file or the new one, never half of one.
+    A process killed at any instant leaves either the old file or the new one, never half of one;
+    a write that fails leaves the old file too, and raises an OSError naming `path`.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with naming(path):
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
@@ -290,5 +323,5 @@ class Log:
         self.path = path
 
     def __call__(self, line):
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:
             f.write(line + "\n")
