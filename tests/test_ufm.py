@@ -252,3 +252,29 @@ def test_failed_assumptions_run_with_one_warning(tmp_path, capsys, extra, what):
     ufm.main(["--n", "2", "--iters", "5", "--out", str(tmp_path / "run")] + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: ") and what in err[0], err
+
+
+@pytest.mark.parametrize("argv, what", [(["--points", "1"], "--points 1: the grid takes 2 to 1001"),
+                                        (["--points", "100000"], "--points 100000: the grid takes 2 to 1001"),
+                                        (["--points", "1001", "--K", "100"], "GiB")])
+def test_plot_landscape_refuses_grids_outside_its_range_in_one_line(capsys, tmp_path, argv, what):
+    import plot_landscape
+    line = refused(capsys, plot_landscape.main, argv + ["--out_dir", str(tmp_path)])
+    assert what in line, line
+    assert not os.listdir(tmp_path)
+
+
+def test_plot_landscape_panels_share_one_colour_scale():
+    import matplotlib.pyplot as plt
+    import plot_landscape
+    args = plot_landscape.parser().parse_args(["--points", "11"])
+    panels = plot_landscape.panels(args)
+    ranges = {loss: (plot_landscape.log_loss(v).min(), plot_landscape.log_loss(v).max())
+              for loss, (_, _, v, _) in panels.items()}
+    assert len(set(ranges.values())) == 3  # each panel alone would get a scale of its own
+    limits = plot_landscape.color_limits(panels)
+    assert limits == (min(lo for lo, _ in ranges.values()), max(hi for _, hi in ranges.values()))
+    for loss, panel in panels.items():
+        fig = plot_landscape.figure(loss, panel, args, limits)
+        assert fig.axes[0].collections[0].get_clim() == limits, loss
+        plt.close(fig)
