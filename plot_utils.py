@@ -24,7 +24,8 @@ run and per quantity (NC1, trace_ratio, ncc):
     <label>_layers_<quantity>_epoch   the quantity against epoch, one curve per layer
 
 Markers sit every 25 epochs on the paper's 200-epoch runs (about 8 per curve on shorter runs,
-or every --markevery epochs). Nothing is drawn or read at import time.
+or every --markevery epochs). Runs that end at different epochs are drawn with a one-line warning
+naming the short ones. Nothing is drawn or read at import time.
 """
 import argparse
 import math
@@ -292,6 +293,20 @@ def plot_infos(runs, out_dir, markevery=None, margin_head=None, keys=()):
     return written
 
 
+def unequal_epochs(runs):
+    """One line naming each run of runs = [(label, info)] that ends before the others, or None when
+    all end at the same epoch: their curves stop early, and the last-epoch margin figures would
+    set a run of less training beside the others."""
+    last = [(label, max(info_epochs(info))) for label, info in runs]
+    longest = max(epoch for _, epoch in last)
+    short = [f"run {label!r} ends at epoch {epoch}" for label, epoch in last if epoch < longest]
+    if not short:
+        return None
+    rest = len(last) - len(short)
+    return (f"warning: {', '.join(short)}, the other {'run' if rest == 1 else f'{rest} runs'} at epoch {longest}: "
+            "the curves stop early and the last-epoch margin figures compare unequal training")
+
+
 def plot_runs(runs, out_dir, markevery=None, margin_head=None, skip_missing=False, hint="", keys=()):
     """runs = [(label, run directory)]. Every info.pkl is read before anything is written; a run
     that cannot be read is a UserError (with skip_missing: a warning, and the run is left out)."""
@@ -310,6 +325,9 @@ def plot_runs(runs, out_dir, markevery=None, margin_head=None, skip_missing=Fals
     if not loaded:
         raise UserError("none of the runs could be read: nothing to plot")
     check_keys(loaded, keys)
+    mismatch = unequal_epochs(loaded)
+    if mismatch:
+        print(mismatch, file=sys.stderr)
     written = plot_infos(loaded, out_dir, markevery, margin_head, keys)
     runs_word = "run" if len(loaded) == 1 else "runs"
     print(f"wrote {len(written) // 2} figures (png and pdf) of {len(loaded)} {runs_word} to {out_dir}/")

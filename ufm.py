@@ -4,7 +4,7 @@ minimiser, its strict saddles, and the Hessian at the optimum under MSE and resc
     python ufm.py --K 4 --n 10 --d 8 --lambda_W 5e-3 --lambda_H 5e-3 --optimizer LBFGS --out model_weights/ufm
     python plot_runs.py model_weights/ufm
     python ufm.py --saddle --K 4 --n 5 --d 8          # strict saddles and the escape from one
-    python ufm.py --spectrum --K 3 --n 3 --d 4         # Hessian at the optimum vs the rescaling M, k
+    python ufm.py --spectrum --K 3 --n 3 --d 4         # Hessian at the optimum vs M, k (matched lambdas)
 
 The model. N = nK samples, labels Y = I_K (x) 1_n^T (K x N), free variables W (K x d), H (d x N), b (K):
 
@@ -28,6 +28,21 @@ T = I_K - 11^T/K with a bias (b absorbs the mean; b = 1/K 1) and T = I_K without
 Using only r' < r of the directions gives a critical point that is not a minimiser (a strict
 saddle): `critical_point(ufm, r')`. The theorem needs d >= m (else the optimum is no simplex
 ETF / orthogonal frame: a warning) and lambda_b = 0 (else no closed form here: a warning).
+
+Rescaled MSE like with like (--spectrum). The data term with target M is M^2 times the one with
+target 1 at logits Z / M, so substituting W = sqrt(M) W', H = sqrt(M) H', b = M b' gives
+
+    f_{M,k}(W, H, b; lambda_W, lambda_H, lambda_b) = M^2 f_{1,k}(W', H', b'; lambda_W/M, lambda_H/M, lambda_b)
+
+At equal lambdas, then, a larger M is a less regularised problem, not a different loss. At lambdas
+times M the two are one problem with its variables rescaled: the Hessian in (W, H) is M times
+the M = 1 one, the same condition number without a bias; the bias scales by M, not sqrt(M), so
+with a bias (unregularised) its block is weighted against W and H and the condition number moves.
+k weights the true class's entry of each sample; the mean weight of an entry is
+w = (k + K - 1)/K, so g/w has MSE's mean weight (the same trace of its Hessian in the logits),
+and f/w, which has f's condition number, is the objective with lambda_W, lambda_H and lambda_b
+divided by w. --spectrum therefore compares at lambda_W, lambda_H times M w and lambda_b times w
+(`matched_lambdas`); --equal_lambdas keeps them (unlike objectives, for comparison).
 """
 import argparse
 import math
@@ -49,6 +64,11 @@ LOSSES = ("MSE", "RescaledMSE", "CrossEntropy")
 OPTIMIZERS = ("GD", "SGD", "Adam", "LBFGS")
 DTYPE = torch.float64
 LBFGS_SCALE = 1e6  # see optimise()
+# The Hessian modes hold about this many (#variables)^2 float64 matrices at once (spectrum: the
+# Hessian, its symmetrised copy, eigvalsh's workspace, [T, I], its QR factors, C^T Hs C; its peak
+# resident memory grew by 5.5 of them at 2,444 variables) ...
+HESSIAN_COPIES = 6
+HESSIAN_MAX_BYTES = 8 * 2**30  # ... and refuse beyond 8 GiB, or half the machine's memory if less
 
 
 # ---------------------------------------------------------------------------- the model
@@ -82,7 +102,7 @@ class UFM:
 
     @property
     def size(self):
-        return self.K * self.d + self.d * self.N + (self.K if self.bias else 0)
+        return variables(self.K, self.n, self.d, self.bias)
 
     def split(self, theta):
         """(W (K, d), H (d, N), b (K,)); b is zeros without a bias."""
@@ -139,6 +159,32 @@ class UFM:
             out.append(f"lambda_b = {self.lambda_b} > 0: the closed form assumes an unregularised bias; "
                        "no closed-form comparison")
         return out
+
+
+def variables(K, n, d, bias=True):
+    """The number of variables of the UFM: W (K d), H (d n K) and b (K)."""
+    return K * d + d * n * K + (K if bias else 0)
+
+
+def allowed_bytes(cap):
+    """cap, or half the machine's memory if that is less: what a size check lets one step allocate."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the fixed cap alone
+        memory = math.inf
+    return min(cap, memory / 2)
+
+
+def check_hessian_fits(K, n, d, bias, mode):
+    """Refuse, in one line and before anything is allocated, sizes whose Hessian would not fit."""
+    size = variables(K, n, d, bias)
+    need = HESSIAN_COPIES * 8 * size ** 2
+    cap = allowed_bytes(HESSIAN_MAX_BYTES)
+    if need > cap:
+        most = math.isqrt(int(cap // (HESSIAN_COPIES * 8)))
+        raise UserError(f"{mode} with K = {K}, n = {n}, d = {d}: {size:,} variables, whose Hessian needs "
+                        f"{need / 2**30:,.1f} GiB ({HESSIAN_COPIES} matrices of {size:,}^2 float64), over the "
+                        f"{cap / 2**30:.1f} GiB allowed: lower --K, --n or --d (at most {most:,} variables)")
 
 
 def per_sample_loss(z, y, loss, M=1.0, k=1.0):
@@ -296,22 +342,62 @@ def orbit_tangent(ufm, theta, rtol=1e-6):
     return U[:, :t]
 
 
+def hessian_off_orbit(ufm, theta, rtol=1e-6):
+    """The (symmetrised) Hessian at theta, an orthonormal basis T of the rotation orbit's tangent
+    space and one, C, of its complement."""
+    Hs = ufm.hessian(theta)
+    Hs = (Hs + Hs.T) / 2
+    T = orbit_tangent(ufm, theta, rtol)
+    Q, _ = torch.linalg.qr(torch.cat([T, torch.eye(ufm.size, dtype=DTYPE)], 1))  # T's columns first
+    return Hs, T, Q[:, T.shape[1]:ufm.size]
+
+
+def newton_polish(ufm, theta, steps=2):
+    """Newton steps off the rotation orbit from theta near a minimiser: LBFGS stops at gradients
+    of ~1e-9, where the Hessian is known to ~1e-5 relative (cond_rtol); one step takes the gradient
+    to rounding. The gradient is orthogonal to the orbit (f is invariant along it), and the Hessian,
+    singular along it, is positive definite on the complement C: the step is C (C^T Hs C)^-1 C^T g."""
+    theta = theta.detach()
+    for _ in range(steps):
+        Hs, _, C = hessian_off_orbit(ufm, theta)
+        theta = theta - C @ torch.linalg.solve(C.T @ Hs @ C, C.T @ ufm.grad(theta))
+    return theta
+
+
 def spectrum(ufm, theta, rtol=1e-6):
     """The Hessian at theta, its eigenvalues, and the eigenvalues on the complement of the
     rotation orbit's tangent space (the symmetry's zero directions projected out). Returns a dict:
     eigenvalues (full), orbit_dim, restricted (eigenvalues of C^T Hess C, C an orthonormal basis
     of the complement), lambda_min_pos (the smallest restricted eigenvalue), lambda_max, cond."""
-    Hs = ufm.hessian(theta)
-    Hs = (Hs + Hs.T) / 2
+    Hs, T, C = hessian_off_orbit(ufm, theta, rtol)
     eig = torch.linalg.eigvalsh(Hs)
-    T = orbit_tangent(ufm, theta, rtol)
-    Q, _ = torch.linalg.qr(torch.cat([T, torch.eye(ufm.size, dtype=DTYPE)], 1))  # T's columns first
-    C = Q[:, T.shape[1]:ufm.size]
     restricted = torch.linalg.eigvalsh(C.T @ Hs @ C)
     lo, hi = restricted.min().item(), eig.max().item()
+    cond = hi / lo if lo > 0 else math.inf
     return {"eigenvalues": eig, "orbit_dim": T.shape[1], "restricted": restricted,
-            "lambda_min_pos": lo, "lambda_max": hi, "cond": hi / lo if lo > 0 else math.inf,
+            "lambda_min_pos": lo, "lambda_max": hi, "cond": cond,
+            "cond_rtol": cond_rtol(ufm, theta, lo, hi) if lo > 0 and ufm.loss != "CrossEntropy" else math.inf,
             "near_zero": int((eig.abs() <= rtol * eig.abs().max()).sum())}
+
+
+def cond_rtol(ufm, theta, lambda_min, lambda_max):
+    """A first-order bound on the relative error of the condition number at theta, an end point
+    with gradient g, against the minimiser's: 2 L3 ||g|| / lambda_min^2 + 2 P eps cond, lambda_min
+    the smallest eigenvalue off the orbit, P the number of variables. Why: off the orbit f is
+    lambda_min-strongly convex near its minimiser, so theta is within ||g|| / lambda_min of it; the
+    Hessian moves by at most L3 times that (Weyl), L3 the norm of the third derivative; lambda_max /
+    lambda_min then moves by at most L3 (||g|| / lambda_min) (1/lambda_min + 1/lambda_max). A
+    symmetric eigensolver's eigenvalues are those of a matrix within about P eps ||Hess|| of it.
+    L3 for the (rescaled) MSE data term, weights at most omega = max(k, 1): along a unit direction
+    (dW, dH, db) the logits are Z + t A + t^2 B, A = dW H + W dH + db 1^T, B = dW dH, so the third
+    derivative is (6/N) <A, B>_omega, at most (3 omega / N) sqrt(||W||_2^2 + ||H||_2^2 + N) (||B|| <= 1/2,
+    Cauchy-Schwarz on A; N only with a bias); the penalties add nothing, and for a symmetric
+    trilinear form the sup over u of |T(u, u, u)| is its norm."""
+    W, H, _ = ufm.split(theta.detach())
+    spectral = torch.linalg.matrix_norm(W, 2) ** 2 + torch.linalg.matrix_norm(H, 2) ** 2
+    L3 = 3 * max(ufm.k, 1.0) / ufm.N * math.sqrt(spectral.item() + (ufm.N if ufm.bias else 0))
+    rounding = 2 * ufm.size * torch.finfo(DTYPE).eps * lambda_max / lambda_min
+    return 2 * L3 * ufm.grad(theta).norm().item() / lambda_min ** 2 + rounding
 
 
 def saddle(ufm, r):
@@ -326,12 +412,13 @@ def saddle(ufm, r):
 
 
 def escape(ufm, point, eps=1e-3, optimizer="GD", iters=20000, lr=None, record=None):
-    """Gradient descent from point['theta'] + eps * (escape direction): returns the final theta.
-    The step is 1 / (the Hessian's largest eigenvalue at the saddle) unless lr is given."""
+    """Gradient descent from point['theta'] + eps * (escape direction) until the gradient norm is
+    1e-12 or less (checked every iteration): returns the final theta. The step is 1 / (the
+    Hessian's largest eigenvalue at the saddle) unless lr is given."""
     if lr is None:
         lr = 1.0 / torch.linalg.eigvalsh(ufm.hessian(point["theta"])).max().item()
     return optimise(ufm, optimizer, iters=iters, lr=lr, theta0=point["theta"] + eps * point["direction"],
-                    log_every=100, tol_grad=1e-12, record=record)
+                    tol_grad=1e-12, record=record)
 
 
 def direction_summary(ufm, v):
@@ -421,6 +508,7 @@ def run(args, log=print):
 
 def run_saddle(args, log=print):
     """The strict saddles of the MSE UFM: every critical point with r < min(d, m) active directions."""
+    check_hessian_fits(args.K, args.n, args.d, args.bias, "--saddle")
     ufm = make_ufm(args)
     form = closed_form(ufm)
     if form is None or ufm.c >= 1:
@@ -444,32 +532,49 @@ def run_saddle(args, log=print):
     return points, end
 
 
+def matched_lambdas(K, M, k, lambda_W, lambda_H, lambda_b):
+    """The lambdas at which rescaled MSE (M, k) is the M = k = 1 problem at (lambda_W, lambda_H,
+    lambda_b) with its variables rescaled (M) and its data term normalised to MSE's mean weight (k):
+    see the module docstring."""
+    w = (k + K - 1) / K
+    return M * w * lambda_W, M * w * lambda_H, w * lambda_b
+
+
 def run_spectrum(args, log=print):
     """The Hessian at the global minimiser for MSE (M = k = 1) and rescaled MSE, M swept at k = 1 and
-    k swept at M = 1. Prints a table and draws spectrum_M / spectrum_k into --plot_dir."""
+    k swept at M = 1, at matched lambdas (--equal_lambdas: at the same ones). Prints a table and
+    draws spectrum_M / spectrum_k into --plot_dir."""
+    check_hessian_fits(args.K, args.n, args.d, args.bias, "--spectrum")
     rows = []
     settings = [(M, 1.0) for M in args.Ms] + [(1.0, k) for k in args.ks if k != 1.0]
-    log(f"K {args.K}, n {args.n}, d {args.d}, lambda_W {args.lambda_W}, lambda_H {args.lambda_H}, bias {args.bias}")
-    log(f"{'M':>5} {'k':>5} {'f*':>12} {'|grad|':>8} {'orbit':>5} {'#~0':>4} {'min eig':>10} "
-        f"{'min pos':>10} {'max':>10} {'cond':>10}")
+    scaling = "the same for every M, k" if args.equal_lambdas else "times M (k + K - 1)/K, lambda_b times (k + K - 1)/K"
+    log(f"K {args.K}, n {args.n}, d {args.d}, lambda_W {args.lambda_W}, lambda_H {args.lambda_H}, "
+        f"lambda_b {args.lambda_b} ({scaling}), bias {args.bias}")
+    log(f"{'M':>5} {'k':>5} {'lambda_W':>9} {'f*':>12} {'|grad|':>8} {'orbit':>5} {'#~0':>4} {'min eig':>10} "
+        f"{'min pos':>10} {'max':>10} {'cond':>10} {'err <=':>8}")
     for M, k in settings:
-        ufm = UFM(args.K, args.n, args.d, args.lambda_W, args.lambda_H, args.lambda_b, args.bias,
-                  "RescaledMSE", M, k)
-        theta = minimise(ufm, seed=args.seed)
+        lambdas = (args.lambda_W, args.lambda_H, args.lambda_b)
+        if not args.equal_lambdas:
+            lambdas = matched_lambdas(args.K, M, k, *lambdas)
+        ufm = UFM(args.K, args.n, args.d, *lambdas, args.bias, "RescaledMSE", M, k)
+        theta = newton_polish(ufm, minimise(ufm, seed=args.seed))
         sp = spectrum(ufm, theta)
-        row = {"M": M, "k": k, "value": ufm.f(theta).item(), "grad_norm": ufm.grad(theta).norm().item(),
-               **{key: sp[key] for key in ("orbit_dim", "near_zero", "lambda_min_pos", "lambda_max", "cond")},
+        row = {"M": M, "k": k, "lambda_W": lambdas[0], "lambda_H": lambdas[1], "lambda_b": lambdas[2],
+               "value": ufm.f(theta).item(), "grad_norm": ufm.grad(theta).norm().item(),
+               **{key: sp[key] for key in ("orbit_dim", "near_zero", "lambda_min_pos", "lambda_max", "cond",
+                                           "cond_rtol")},
                "min_eig": sp["eigenvalues"].min().item()}
         rows.append(row)
-        log(f"{M:5g} {k:5g} {row['value']:12.6g} {row['grad_norm']:8.1e} {row['orbit_dim']:5d} {row['near_zero']:4d} "
-            f"{row['min_eig']:10.2e} {row['lambda_min_pos']:10.4g} {row['lambda_max']:10.4g} {row['cond']:10.4g}")
+        log(f"{M:5g} {k:5g} {row['lambda_W']:9.4g} {row['value']:12.6g} {row['grad_norm']:8.1e} "
+            f"{row['orbit_dim']:5d} {row['near_zero']:4d} {row['min_eig']:10.2e} {row['lambda_min_pos']:10.4g} "
+            f"{row['lambda_max']:10.4g} {row['cond']:10.4g} {row['cond_rtol'] * row['cond']:8.1e}")
     if args.plot_dir:
-        for p in plot_spectrum(rows, args.plot_dir):
+        for p in plot_spectrum(rows, args.plot_dir, "equal lambdas" if args.equal_lambdas else "matched lambdas"):
             log(f"wrote {p}")
     return rows
 
 
-def plot_spectrum(rows, out_dir):
+def plot_spectrum(rows, out_dir, title):
     """spectrum_M and spectrum_k (png and pdf): smallest positive eigenvalue and condition number."""
     import matplotlib
     matplotlib.use("Agg")
@@ -487,6 +592,7 @@ def plot_spectrum(rows, out_dir):
             ax.set_xlabel(f"rescaled MSE {key} (MSE at {key} = 1)")
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.4)
+        fig.suptitle(f"Hessian at the optimum, {title}")
         fig.tight_layout()
         for ext in ("png", "pdf"):
             path_ = os.path.join(out_dir, f"spectrum_{name}.{ext}")
@@ -511,7 +617,8 @@ def parser():
     p = Parser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--saddle", action="store_true", help="construct the strict saddles and escape from one (MSE)")
-    mode.add_argument("--spectrum", action="store_true", help="Hessian at the optimum of MSE and rescaled MSE")
+    mode.add_argument("--spectrum", action="store_true",
+                      help="Hessian at the optimum of MSE and rescaled MSE, at matched lambdas (see the docstring)")
     p.add_argument("--K", type=at_least_two, default=4, help="classes, >= 2 (default: %(default)s)")
     p.add_argument("--n", type=positive_int, default=10, help="samples per class (default: %(default)s)")
     p.add_argument("--d", type=positive_int, default=8, help="feature dimension (default: %(default)s)")
@@ -536,6 +643,8 @@ def parser():
     p.add_argument("--eps", type=positive_float, default=1e-3, help="--saddle: size of the push along the eigenvector")
     p.add_argument("--Ms", type=positive_float, nargs="+", default=[1.0, 3.0, 5.0, 10.0], help="--spectrum: M values")
     p.add_argument("--ks", type=positive_float, nargs="+", default=[1.0, 5.0, 10.0, 20.0], help="--spectrum: k values")
+    p.add_argument("--equal_lambdas", action="store_true",
+                   help="--spectrum: the same lambdas for every M, k (unlike objectives) instead of matched ones")
     p.add_argument("--plot_dir", type=path, default=os.path.join("figures", "ufm_spectrum"),
                    help="--spectrum: where spectrum_M/k.png/pdf go ('' for none)")
     return p

@@ -169,6 +169,18 @@ def test_info_without_epochs_key_and_short_margins(tmp_path):
     assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
 
 
+def test_runs_of_unequal_length_are_named_in_one_line(tmp_path, capsys, monkeypatch):
+    cut = write_run(tmp_path, "cut", epochs=2)
+    full = [write_run(tmp_path, f"full_{i}", epochs=6, seed=i) for i in (1, 2)]
+    monkeypatch.setattr(plot_utils, "plot_infos", lambda *args, **kwargs: [])  # the warning, not the drawing
+    plot_utils.plot_runs([("cut", cut), ("a", full[0]), ("b", full[1])], str(tmp_path / "out"))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: run 'cut' ends at epoch 2, the other 2 runs at epoch 6: the curves stop early and the "
+        "last-epoch margin figures compare unequal training"]
+    plot_utils.plot_runs([("a", full[0]), ("b", full[1])], str(tmp_path / "out"))
+    assert capsys.readouterr().err == ""
+
+
 def test_markers_every_25_epochs():
     assert plot_utils.marker_indices(list(range(1, 201))) == [24, 49, 74, 99, 124, 149, 174, 199]
     assert len(plot_utils.marker_indices(list(range(1, 31)))) >= 5
