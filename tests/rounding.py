@@ -75,13 +75,19 @@ class Float64Sums:
 
 
 @torch.no_grad()
-def one_hidden_layer_terms(folded, x):
-    """(S (N, d), n) of a BatchNorm-folded MLP with one hidden layer on inputs x: the magnitudes
-    sum_k |w_jk x_ik| + |b_j| each feature adds up, and the length n of its dot products."""
-    layers = [m for m in folded.features if isinstance(m, nn.Linear)]
+def one_hidden_layer_terms(model, x):
+    """(S (N, d), n) of an MLP with one hidden layer on inputs x: the magnitudes each feature's sum adds
+    up, and the length n of its dot products. BatchNorm folded: sum_k |w_jk x_ik| + |b_j|. Unfolded (a
+    BatchNorm of scale s and shift beta after the layer, running mean m): |s| (that + |m|) + |beta|,
+    which bounds the terms of either form, folded or not."""
+    layers = [m for m in model.features if isinstance(m, nn.Linear)]
     assert len(layers) == 1, "the bound is derived for one hidden layer"
     W, b = layers[0].weight.to(torch.float64), layers[0].bias.to(torch.float64)
-    return x.flatten(1).to(torch.float64).abs() @ W.abs().T + b.abs(), W.shape[1]
+    S = x.flatten(1).to(torch.float64).abs() @ W.abs().T + b.abs()
+    for bn in (m for m in model.features if isinstance(m, nn.BatchNorm1d)):
+        scale = bn.weight.to(torch.float64) / torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)
+        S = scale.abs() * (S + bn.running_mean.to(torch.float64).abs()) + bn.bias.to(torch.float64).abs()
+    return S, W.shape[1]
 
 
 def nuclear_ratio(H, y, K):
