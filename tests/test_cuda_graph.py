@@ -149,6 +149,7 @@ def test_a_run_records_the_value_given_and_an_old_false_resumes(tiny_argv, capsy
 
 @pytest.mark.parametrize("flags", FIRST_ORDER + LBFGS)
 def test_graphed_steps_give_the_eager_numbers_bitwise(rerun_graphs, flags):
+    # bitwise on every CPU: a Rerun runs the same step on the same shapes, in this process, one thread
     eager_losses, eager_params = trained(flags, None)
     losses, params = trained(flags, graphed)
     assert torch.equal(losses, eager_losses)
@@ -233,6 +234,8 @@ def test_the_logged_lbfgs_loss_is_the_first_evaluation(rerun_graphs):
         with torch.no_grad():
             expected = lbfgs_penalty(objective(x, y)[0], params, args.weight_decay)
         loss, _ = step(optimizer, objective, x, y)
+        # the same objective and penalty on the same batch (autograd or not, the same kernels): equal but
+        # for the order of float32 additions of a few terms, u = 6e-8 each
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert rerun_graphs[0].replays > 1 and not torch.equal(rerun_graphs[0].outputs[0], loss)
 
@@ -297,6 +300,9 @@ def deterministic_cudnn(monkeypatch):
 def test_cuda_graphs_give_the_eager_numbers(flags, deterministic_cudnn):
     eager_losses, eager_params = trained(flags, None, "cuda")
     losses, params = trained(flags, graphed, "cuda")
+    # a graph replays the eager kernels, deterministic here; what may differ is a kernel cuBLAS or cuDNN
+    # picks for a captured call (workspace, another split of a sum): a few float32 roundings of the
+    # loss (rtol 1e-6), carried through 6 steps into the parameters (rtol 1e-5)
     torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -313,6 +319,7 @@ def test_cuda_graph_lbfgs_on_a_channels_last_resnet(deterministic_cudnn):
         return [step(optimizer, objective, x.contiguous(memory_format=torch.channels_last), y)[0].item()
                 for x, y in batches[:4]]
     eager, graph = run(None), run(graphed)
+    # as above, through LBFGS's line search on a ResNet's ~20 layers of sums: 1e-5
     assert eager == pytest.approx(graph, rel=1e-5)
 
 
@@ -326,6 +333,8 @@ def test_a_gpu_run_graphs_by_default_and_resumes_either_way(tiny_argv, capsys, o
     graph = train_1st_order.main(tiny_argv("graph", *flags, "--epochs", "2"))
     assert "note" not in capsys.readouterr().out
     a, b = (torch.load(os.path.join(d, "epoch_002.pth"), map_location="cpu", weights_only=True) for d in (eager, graph))
+    # two epochs of an MLP: float32 roundings of ~3e3-term sums (~sqrt(3072) u = 3e-6 of their terms) per
+    # step, carried through ~4 steps: 1e-4 relative (1e-5 absolute for entries near 0)
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a)
 
 
@@ -370,7 +379,7 @@ def test_a_real_capture_that_fails_leaves_the_default_stream_and_trains_on_eager
     eager_losses, _ = trained(flags, lambda step: syncing_step, "cuda")
     losses, _ = trained(flags, default, "cuda")
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
-    torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)  # eager both: as in the first GPU test
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith("note: the training step cannot be captured as a CUDA graph")
 

@@ -47,9 +47,13 @@ def test_the_folded_network_computes_the_same_function_without_batchnorm(name):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         (z, h), (z_f, h_f) = model(x), folded(x)
-    scale = h.abs().max()
-    assert (h_f - h).abs().max() <= 1e-5 * scale  # float32 rounding, through every layer
-    assert (z_f - z).abs().max() <= 1e-5 * z.abs().max()
+    # The same function rounded otherwise: the folded weights rounded once more and BatchNorm's own
+    # roundings, after every layer. Each layer's sums are then of other numbers, so their rounding errors
+    # differ: ~sqrt(n) u of the terms' magnitudes for random rounding, n <= 4,608 (3x3x512), 4e-6 a layer;
+    # over resnet50's ~50 layers ~sqrt(50) x 4e-6 = 3e-5 of the largest entries; hence 1e-4 (as the GPU
+    # test below). Seen: up to 2e-6 (resnet50's logits; AVX-512, AVX2 and the default kernels alike).
+    assert (h_f - h).abs().max() <= 1e-4 * h.abs().max()
+    assert (z_f - z).abs().max() <= 1e-4 * z.abs().max()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
     assert [n for n, _ in folded.named_children()] == [n for n, _ in model.named_children()]
 
@@ -62,8 +66,11 @@ def test_a_batchnorm_without_affine_parameters_folds_and_one_without_running_sta
     folded = fold_batchnorm(net)
     assert isinstance(folded[1], nn.Identity) and isinstance(folded[4], nn.BatchNorm1d)
     x = torch.randn(8, 5)
+    # two layers of <= 6 terms, each form rounding ~13 times per output (the folded weights and BatchNorm
+    # once or twice more) terms of magnitude up to ~5: a few ulps of outputs up to 2 (ulp 2.4e-7); seen:
+    # 4 ulps. 1e-5 absolute and relative leaves a factor 10.
     with torch.no_grad():
-        assert torch.allclose(folded(x), net(x), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(folded(x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_layer_hooks_see_the_same_features_in_the_folded_network():
@@ -76,8 +83,10 @@ def test_layer_hooks_see_the_same_features_in_the_folded_network():
             validate_NC.LayerHooks(forward.module, names) as folded:
         model(x)
         forward(x)
+    # the first layer sums 3,072 terms: ~sqrt(3072) u = 3e-6 of their magnitudes (a few here) for random
+    # rounding, carried through two 16-term layers: ~1e-5 absolute; seen: up to 1e-6
     for name in names:
-        assert torch.allclose(folded.features[name], plain.features[name], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(folded.features[name], plain.features[name], rtol=1e-4, atol=1e-5)
 
 
 def graphed_eval_forward():
@@ -91,6 +100,7 @@ def graphed_eval_forward():
 
 
 def assert_eager_numbers(forward, eager, batches):
+    # on the CPU a graph is a Rerun of the same folded module on the same shapes: the same bits
     for x in batches:
         z, h = forward(x)
         with torch.no_grad():

@@ -12,7 +12,8 @@ from args import train_parser
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# Two samples, three classes, logits chosen by hand.
+# Two samples, three classes, logits chosen by hand. The expected values are exact (or float64): a float32
+# loss of a few terms is within a few u = 6e-8 of them, inside pytest.approx's default rel=1e-6.
 Z = torch.tensor([[1.0, 2.0, 0.0],
                   [0.5, -1.0, 3.0]])
 Y = torch.tensor([1, 2])
@@ -100,6 +101,9 @@ def test_cross_entropy_formula():
     expected = 0.0
     for z, y in zip(Z.tolist(), Y.tolist()):
         expected += -(z[y] - math.log(sum(math.exp(v) for v in z)))
+    # float32 log-softmax: at worst the log-sum-exp (3.1) is rounded (half an ulp, 1.2e-7) before z_y is
+    # subtracted; halved in the mean (0.25): 2.4e-7 relative, and exp and log (an ulp or two of terms
+    # below 0.1, SIMD or scalar) add less. 1e-6 is 4x that.
     assert criterion("--loss", "CrossEntropy")(Z, Y).item() == pytest.approx(expected / 2, rel=1e-6)
 
 
@@ -139,6 +143,7 @@ def test_sep_decay_penalty_formula(bias):
     b2 = (1 + 4 + 0.25) if bias else 0.0
     h2 = (1 + 4 + 1) + 4 * 0.25  # sum over the batch of ||h_i||^2
     expected = wd / 2 * (W2 + b2) + fdr / 2 * h2
+    # float32 sums of <= 12 squares of exact values: a few u
     assert losses.sep_decay_penalty(model, h, wd, fdr).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -163,6 +168,8 @@ def test_sep_decay_objective_adds_the_penalty():
     z, h = model(x)
     expected = nn.MSELoss()(z, torch.eye(3)[y]) + 0.005 * (model.fc.weight.pow(2).sum() + model.fc.bias.pow(2).sum()) \
         + 0.01 * h.pow(2).sum()
+    # the same forward pass (same kernels, same shapes); the MSE and penalties summed in another order, 30
+    # to 40 float32 terms: ~sqrt(40) u = 4e-7 of their magnitudes, which here do not cancel
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(logits, z)
 

@@ -74,6 +74,8 @@ def measures_of(H, y, W, pred, batch=None):
 
 
 def assert_close(out, ref, rel=1e-9, abs=1e-12):
+    # float64 on both sides, sums of <= 200 terms in other orders: ~200 u = 4e-14 of the terms, times the
+    # measures' conditioning (ratios of norms of class means, ~10 here): far inside 1e-9
     assert set(out) == set(ref)
     for key in ref:
         np.testing.assert_allclose(out[key], ref[key], rtol=rel, atol=abs, err_msg=key)
@@ -96,6 +98,9 @@ def test_streamed_within_class_variance_keeps_precision_on_collapsed_features():
     H = H + 1e4
     ref = reference(H, y, W, pred)
     out = measures_of(H, y, W, pred, batch=13)
+    # deviations of 1e-6 from means of 1e4 in float64: subtracting nearly equal numbers is exact (Sterbenz),
+    # and a class mean off by its rounding (1e4 u = 2e-12) moves the sum of squares by n (2e-12)^2 only,
+    # 4e-12 relative: 1e-6 is where a one-pass formula (error 1e8 u = 2e-8 absolute, 2e4 relative) fails
     np.testing.assert_allclose(out["within_class_var"], ref["within_class_var"], rtol=1e-6)
 
 
@@ -109,7 +114,7 @@ def collapsed(K=4, d=6, n=3, scale=0.7):
 def test_every_measure_vanishes_on_an_exact_collapse():
     H, y, W, pred = collapsed()
     out = measures_of(H, y, W, pred)
-    for key, value in out.items():
+    for key, value in out.items():  # float64 of an exact simplex ETF (entries ~1): rounding ~1e-16
         target = 1.0 if key == "ncc_train" else 0.0
         np.testing.assert_allclose(value, target, atol=1e-12, err_msg=key)
 
@@ -119,7 +124,7 @@ def test_scale_free_measures_ignore_the_scale_of_features(scale):
     H, y, W, pred = random_problem(seed=2)
     a, b = measures_of(H, y, W, pred), measures_of(scale * H, y, W, pred)
     for key in ("trace_ratio_metric", "cdnv_metric", "equinorm_M", "equiangular_M", "max_angle_M",
-                "self_duality", "ncc_train"):
+                "self_duality", "ncc_train"):  # float64: the scaling's rounding, u per entry, 1e-9 far above
         assert b[key] == pytest.approx(a[key], rel=1e-9), key
     np.testing.assert_allclose(b["within_class_var"], scale ** 2 * a["within_class_var"], rtol=1e-9)
 
@@ -128,7 +133,7 @@ def test_measures_ignore_a_rotation_of_feature_space():
     H, y, W, pred = random_problem(seed=3)
     Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
     a, b = measures_of(H, y, W, pred), measures_of(H @ Q, y, W @ Q, pred)  # rotate h and the rows of W alike
-    assert_close(b, a, rel=1e-8, abs=1e-12)
+    assert_close(b, a, rel=1e-8, abs=1e-12)  # float64: the rotation's 12-term sums round at ~12 u = 3e-15
 
 
 def test_a_class_with_a_single_sample_gives_nan_and_a_warning_naming_it():
@@ -180,10 +185,13 @@ def test_layer_measures_from_kept_features_match_the_formulas(spread, offset):
     ref = reference(H, y, W, pred)
     nc1_ref = nc.nc_metrics(H, y, W)["NC1"]  # tested against numpy's pinv in test_nc.py
     out = nc.layer_measures(H.float() if offset == 0 else H, y, 5, pred, chunk=31)
+    # float32 features (offset 0): each rounded once, u = 6e-8 relative, moves NC1 and the trace ratio by
+    # ~u times their conditioning (norms of the features over the smallest spread of the class means, ~10 to
+    # 100 here): 1e-5; float64 (offset 1e4, spread 1e-6): deviations exact as above, 1e-6 generous
     assert out["NC1"] == pytest.approx(nc1_ref, rel=1e-5 if offset == 0 else 1e-6)
     assert out["trace_ratio"] == pytest.approx(ref["trace_ratio_metric"], rel=1e-5 if offset == 0 else 1e-6)
     assert out["ncc"] == pytest.approx(ref["ncc_train"])
-    exact = nc.layer_measures(H, y, 5, chunk=31)
+    exact = nc.layer_measures(H, y, 5, chunk=31)  # float64 both: 1e-6 is generous
     assert exact["NC1"] == pytest.approx(nc1_ref, rel=1e-6) and "ncc" not in exact
 
 
@@ -269,7 +277,7 @@ def test_measures_all_and_layers_add_their_keys_and_are_not_served_a_paper_resul
         for a, b in zip(paper[key], info[key]):
             np.testing.assert_array_equal(a, b)
     assert info["layer_names"][-1] == ["hidden1", "h"]
-    last = info["layers"][-1]
+    last = info["layers"][-1]  # the same features (one pass, hooks), float64 sums in other orders: 1e-9
     assert last["h"]["NC1"] == pytest.approx(info["collapse_metric"][-1], rel=1e-9)
     assert last["h"]["trace_ratio"] == pytest.approx(info["trace_ratio_metric"][-1], rel=1e-9)
     assert last["h"]["ncc"] == pytest.approx(info["ncc_train"][-1], rel=1e-12)

@@ -50,7 +50,7 @@ def test_resnet_forward_returns_logits_and_fc_input(name, d, SOTA):
     assert logits.shape == (2, K)
     assert h.shape == (2, d)
     assert model.fc.in_features == d and models.feature_dim(model) == d
-    # h is the input of fc, as it is (not normalised)
+    # h is the input of fc, as it is (not normalised); the same op on the same shapes: the same bits
     torch.testing.assert_close(logits, model.fc(h))
     assert not torch.allclose(h.norm(dim=1), torch.ones(2))
 
@@ -97,6 +97,7 @@ def test_resnet_init():
     # Kaiming normal, fan_out, relu: std sqrt(2 / (out_channels * kernel area))
     conv = model.layer3[0].conv1  # 128 -> 256, 3x3
     expected = math.sqrt(2.0 / (conv.out_channels * 9))
+    # a sample std of 128 x 256 x 9 = 295k normal weights: 1/sqrt(2 x 295k) = 0.13% relative spread; 5% is 38 of it
     assert conv.weight.std().item() == pytest.approx(expected, rel=0.05)
 
 
@@ -109,7 +110,7 @@ def test_no_bias():
     model = models.resnet18(num_classes=K, fc_bias=False).eval()
     with torch.no_grad():
         logits, h = model(tiny_input(False))
-    torch.testing.assert_close(logits, h @ model.fc.weight.T)
+    torch.testing.assert_close(logits, h @ model.fc.weight.T)  # linear without a bias is this matmul
 
 
 @pytest.mark.parametrize("width, depth", [(32, 1), (16, 3)])
@@ -118,7 +119,7 @@ def test_mlp(width, depth):
     with torch.no_grad():
         logits, h = model(torch.randn(4, 3, 32, 32))
     assert logits.shape == (4, K) and h.shape == (4, width)
-    torch.testing.assert_close(logits, model.fc(h))
+    torch.testing.assert_close(logits, model.fc(h))  # the same op on the same shapes: the same bits
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.fc]
     assert len(linears) == depth and linears[0].in_features == 3 * 32 * 32
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == depth
@@ -138,7 +139,7 @@ def test_resnet18_adapt():
     widths = [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels,
               model.layer3[0].conv1.out_channels, model.layer4[0].conv1.out_channels]
     assert widths == [k, 2 * k, 4 * k, 8 * k]
-    torch.testing.assert_close(logits, model.fc(h))
+    torch.testing.assert_close(logits, model.fc(h))  # the same op on the same shapes: the same bits
     assert n_trainable(cli_model("--model", "ResNet18_adapt", "--width", str(k))) == n_trainable(model)
 
 
@@ -289,7 +290,7 @@ def test_resnets_start_from_the_authors_weights(name, SOTA, fixdim, ETF_fc, fc_b
     x = tiny_input(SOTA)
     with torch.no_grad():
         logits, h = ours.eval()(x)
-        torch.testing.assert_close(logits, ref.eval()(x))
+        torch.testing.assert_close(logits, ref.eval()(x))  # the same ops on the same shapes: the same bits
     assert h.shape == (2, fixdim or ref.fc.in_features)
 
 
@@ -359,7 +360,8 @@ def test_resnet18_adapt_keeps_default_init():
             fan_in = m.weight[0].numel()
             assert m.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
     conv = model.layer4[1].conv2  # 32 -> 32, 3x3: the largest kernel
-    assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 32 * 9), rel=0.05)  # U(-b, b): std b/sqrt(3)
+    # U(-b, b): std b/sqrt(3); 32 x 32 x 9 = 9,216 weights: 0.7% relative spread, 5% is 7 of it
+    assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 32 * 9), rel=0.05)
     # BatchNorm's defaults: weight 1, bias 0
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0)
                for m in model.modules() if isinstance(m, nn.BatchNorm2d))
@@ -368,6 +370,8 @@ def test_resnet18_adapt_keeps_default_init():
 # ---------------------------------------------------------------------------- the simplex ETF head
 
 def check_simplex_etf(W, num_classes, dim):
+    # W is float32: each entry rounded once (u = 6e-8 relative), so norms and Grams are exact to ~1e-7
+    # (assert_close's float64 default, rtol 1e-7 plus atol 1e-7), W W^T's entries to 1e-6
     W = W.detach().double()
     assert tuple(W.shape) == (num_classes, dim)
     torch.testing.assert_close(W.norm(dim=1), torch.ones(num_classes, dtype=torch.float64))
@@ -391,6 +395,8 @@ def test_etf_head_is_frozen_simplex_with_trainable_bias(fixdim, d):
     with torch.no_grad():
         logits, h = model.eval()(tiny_input(True))
     assert logits.shape == (2, K) and h.shape == (2, d)
+    # linear adds the bias inside its GEMM, this after it: a rounding or two of logits of size ~1 apart,
+    # inside assert_close's float32 default (atol 1e-5)
     torch.testing.assert_close(logits, h @ model.fc.weight.T + model.fc.bias)
     # the head is the same through the command line, with the --ETF alias
     torch.testing.assert_close(cli_model("--ETF", "--SOTA", "--fixdim", str(fixdim)).fc.weight, model.fc.weight)

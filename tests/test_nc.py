@@ -11,6 +11,13 @@ from models import simplex_etf
 torch.set_default_dtype(torch.float32)
 
 
+# Tolerances against the reference: both sides float64 from the same inputs. The reference's pinv of the
+# d x d Sigma_B (rank K - 1, cut at 1e-15 of its largest singular value) loses ~u = 1.1e-16 times Sigma_B's
+# condition on its range ((3 / 1)^2 ~ 10 to 1e3 for class means of spread 3 here): ~1e-13; rel 1e-6 is
+# generous and holds on every CPU. Margins, nuclear ratio: sums of <= 200 terms, ~1e-14.
+FLOAT64_RTOL = 1e-6
+
+
 def reference(H, y, W, b):
     """Every NC formula (see nc.py's docstring), written directly in float64 numpy."""
     H, W, b = (np.asarray(a, dtype=np.float64) for a in (H, W, b))
@@ -49,6 +56,7 @@ def test_exact_simplex_etf_with_collapsed_features_gives_zero():
     H = 0.7 * W[y]  # every feature equals its class mean, which is aligned with w_k; mu_G = 0
     b = torch.tensor([0.3, -0.1, 0.2, 0.5], dtype=torch.float64)
     out = nc.nc_metrics(H, y, W, b)
+    # float64 of entries ~1: zeros come out at ~1e-16 (NC1 a ratio of rounding-level spreads to ~1: 1e-8)
     assert abs(out["NC1"]) < 1e-8 and abs(out["NC2"]) < 1e-8 and abs(out["NC3"]) < 1e-8
     assert out["NC4"] == pytest.approx(torch.linalg.norm(b).item(), abs=1e-12)
 
@@ -59,12 +67,12 @@ def test_metrics_match_direct_float64_computation(seed):
     ref = reference(H, y, W, b)
     out = nc.nc_metrics(H, y, W, b)
     for key in ("NC1", "NC2", "NC3", "NC4"):
-        assert out[key] == pytest.approx(ref[key], rel=1e-6), key
+        assert out[key] == pytest.approx(ref[key], rel=FLOAT64_RTOL), key
     stats = nc.NCStats(5, H.shape[1])
     stats.update(H, y)
     margins = nc.cos_margins(H, y, W.double(), b.double(), nc.mu_G(stats))
-    np.testing.assert_allclose(margins.numpy(), ref["margin"], rtol=1e-6, atol=1e-9)
-    assert nc.nuclear_ratio(H, y, 5) == pytest.approx(ref["nuclear"], rel=1e-6)
+    np.testing.assert_allclose(margins.numpy(), ref["margin"], rtol=FLOAT64_RTOL, atol=1e-9)  # atol: margins near 0
+    assert nc.nuclear_ratio(H, y, 5) == pytest.approx(ref["nuclear"], rel=FLOAT64_RTOL)
 
 
 def test_nc1_keeps_its_precision_when_features_are_nearly_collapsed():
@@ -75,7 +83,9 @@ def test_nc1_keeps_its_precision_when_features_are_nearly_collapsed():
     streamed = nc.NCStats(4, 8)
     for chunk in torch.arange(len(y)).split(37):
         streamed.update(H[chunk], y[chunk])
-    assert nc.paper_metrics(streamed, W, b)["NC1"] == pytest.approx(ref["NC1"], rel=1e-6)
+    # spreads of 1e-4 around 1e3: the reference's deviations are exact (Sterbenz) and so are ours; a
+    # one-pass E[hh^T] - mu mu^T would be off by 1e6 u / 1e-8 ~ 1e-2 relative
+    assert nc.paper_metrics(streamed, W, b)["NC1"] == pytest.approx(ref["NC1"], rel=FLOAT64_RTOL)
 
 
 def test_streaming_in_batches_equals_one_batch():
@@ -87,7 +97,7 @@ def test_streaming_in_batches_equals_one_batch():
         for chunk in order.split(batch):
             stats.update(H[chunk], y[chunk])
         streamed = nc.paper_metrics(stats, W, b)
-        for key in whole:
+        for key in whole:  # float64 sums of 301 terms in other orders: ~1e-14 times the conditioning
             assert streamed[key] == pytest.approx(whole[key], rel=1e-9, abs=1e-12), (batch, key)
 
 
@@ -95,7 +105,7 @@ def test_no_bias_means_nc4_is_the_norm_of_W_mu_G():
     H, y, W, _ = random_problem(seed=5)
     out = nc.nc_metrics(H, y, W, None)
     ref = reference(H, y, W, np.zeros(5))
-    assert out["NC4"] == pytest.approx(ref["NC4"], rel=1e-6)
+    assert out["NC4"] == pytest.approx(ref["NC4"], rel=FLOAT64_RTOL)
 
 
 def test_feature_dimension_below_the_number_of_classes():
@@ -104,7 +114,7 @@ def test_feature_dimension_below_the_number_of_classes():
     out = nc.nc_metrics(H, y, W, b)
     ref = reference(H, y, W, b)
     assert all(math.isfinite(v) for v in out.values())
-    assert out["NC1"] == pytest.approx(ref["NC1"], rel=1e-6)
+    assert out["NC1"] == pytest.approx(ref["NC1"], rel=FLOAT64_RTOL)
 
 
 def test_a_class_with_a_single_sample():
@@ -114,7 +124,7 @@ def test_a_class_with_a_single_sample():
     out = nc.nc_metrics(H, y, W, b)
     ref = reference(H, y, W, b)
     for key in ("NC1", "NC2", "NC3", "NC4"):
-        assert out[key] == pytest.approx(ref[key], rel=1e-6), key
+        assert out[key] == pytest.approx(ref[key], rel=FLOAT64_RTOL), key
 
 
 def test_a_class_without_samples_is_reported():
@@ -160,6 +170,9 @@ def test_unconstrained_features_reach_the_simplex_etf_global_minimum():
     W, H, b = train_ufm(K, n, d, lam)
     y = torch.arange(K).repeat_interleave(n)
     out = nc.nc_metrics(H.T, y, W, b)
+    # float64 LBFGS stopped at a gradient of 1e-13 (or a change of 1e-16): near the minimiser (isolated up
+    # to rotations, curvature >= lam) that is ~1e-11 from it; 1e-5 and 1e-6 are the theorem's claims
+    # tested with room for an early stop of the line search, not rounding
     assert W.pow(2).sum().item() == pytest.approx((K - 1) * math.sqrt(n * lam / lam) * (1 - c), rel=1e-5)
     assert out["NC1"] < 1e-8 and out["NC2"] < 1e-5 and out["NC3"] < 1e-5
     torch.testing.assert_close(b, torch.full((K,), 1.0 / K, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -170,7 +183,7 @@ def test_unconstrained_features_without_bias_reach_an_orthogonal_frame():
     c = K * math.sqrt(n * lam * lam)
     W, _, _ = train_ufm(K, n, d, lam, bias=False, seed=1)
     expected = math.sqrt(n * lam / lam) * (1 - c) * torch.eye(K, dtype=torch.float64)
-    torch.testing.assert_close(W @ W.T, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(W @ W.T, expected, atol=1e-5, rtol=0)  # as above: LBFGS's stop, not rounding
 
 
 def test_unconstrained_features_collapse_to_zero_when_c_is_at_least_one():
@@ -215,11 +228,15 @@ def test_streamed_statistics_with_more_classes_than_the_batch(offset, spread):
         assert len(torch.unique(y[chunk])) < K
         stats.update(H[chunk], y[chunk])
     n, sums, scatter, sq = direct_statistics(H, y, K)
-    np.testing.assert_array_equal(stats.n.numpy(), n)
+    np.testing.assert_array_equal(stats.n.numpy(), n)  # counts: whole numbers, exact in float64
+    # float64 sums of <= 400 terms of one sign-ish in other orders: <= 400 u = 9e-14 relative
     np.testing.assert_allclose(stats.sum.numpy(), sums, rtol=1e-12)
     # Relative to the scatter's own size: the pairwise update keeps the digits a large offset would take.
+    # Offset 1e3, spread 1e-3: a batch mean carries ~8 u 1e3 = 2e-12, a difference of means (~5e-4) ~4e-9
+    # of itself, squared into merge terms that make a small share of the scatter: ~1e-10 of it (seen
+    # 2e-11, on AVX-512, AVX2 and the default kernels alike); a one-pass formula would be off by 1e6 u / 1e-6.
     np.testing.assert_allclose(stats.scatter.numpy(), scatter, rtol=0, atol=1e-9 * np.abs(scatter).max())
-    np.testing.assert_allclose(stats.sq.numpy(), sq, rtol=1e-9, atol=1e-9 * sq.max())
+    np.testing.assert_allclose(stats.sq.numpy(), sq, rtol=1e-9, atol=1e-9 * sq.max())  # as the scatter's
 
 
 def test_merged_statistics_carry_the_per_class_sums_of_squares():
@@ -232,6 +249,7 @@ def test_merged_statistics_carry_the_per_class_sums_of_squares():
         part.update(H[block], y[block])
         merged = part if merged is None else (merged.merge(part) or merged)
     n, sums, scatter, sq = direct_statistics(H, y, K)
+    # float64, three blocks merged: ~300 u = 7e-14 of the scatter's size (no offset here to lose digits to)
     np.testing.assert_allclose(merged.scatter.numpy(), scatter, rtol=0, atol=1e-10 * np.abs(scatter).max())
     np.testing.assert_allclose(merged.sq.numpy(), sq, rtol=1e-10, atol=1e-12)
 
@@ -248,6 +266,7 @@ def test_nuclear_ratio_equals_numpy_for_any_class_sizes(monkeypatch, batch_eleme
     H = 2 + torch.randn(len(y), d, generator=torch.Generator().manual_seed(1))  # float32, as validate_NC.py keeps it
     Hn, yn = H.double().numpy(), y.numpy()
     expected = np.mean([np.linalg.norm(Hn[yn == k], "nuc") / np.linalg.norm(Hn[yn == k]) for k in range(K)])
+    # float64 eigenvalues of the Grams against an SVD, classes of <= 14 x 6 well-conditioned features: ~1e-14
     assert nc.nuclear_ratio(H, y, K) == pytest.approx(expected, rel=1e-10)
 
 
@@ -266,6 +285,7 @@ def test_cos_margins_equal_the_direct_float64_formula():
     expected = np.array([c[t] - np.max(np.delete(c, t)) for c, t in zip(cos, y.numpy())])
     margins = nc.cos_margins(H, y, W.double(), b.double(), torch.from_numpy(mu_G), chunk=64)
     assert margins.dtype == torch.float64
+    # float64 16-term dot products in other orders and the divisions regrouped: ~16 u = 4e-15 of the terms
     np.testing.assert_allclose(margins.numpy(), expected, rtol=1e-10, atol=1e-13)
 
 

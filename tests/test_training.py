@@ -66,7 +66,8 @@ def test_lbfgs_step_lowers_the_penalised_loss():
     step = train_2nd_order.make_lbfgs_step(args)
     before = full_loss(objective, x, y, params, args.weight_decay)
     first, _ = step(optimizer, objective, x, y)
-    # the logged loss is the penalised objective at the parameters the step started from
+    # the logged loss is the penalised objective at the parameters the step started from: the same forward
+    # pass (same kernels, same shapes), the penalty added to the loss in another order (float32, a few u)
     assert first.item() == pytest.approx(before, rel=1e-5)
     for _ in range(2):
         step(optimizer, objective, x, y)
@@ -122,7 +123,7 @@ def test_lbfgs_with_sep_decay_has_no_extra_penalty():
     args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--sep_decay", default="LBFGS")
     before = full_loss(objective, x, y)  # MSE + the --sep_decay penalties, nothing else
     first, _ = train_2nd_order.make_lbfgs_step(args)(optimizer, objective, x, y)
-    assert first.item() == pytest.approx(before, rel=1e-5)
+    assert first.item() == pytest.approx(before, rel=1e-5)  # as above
 
 
 def test_optimizer_settings():
@@ -165,7 +166,7 @@ def test_schedulers(decay_type, epochs, lrs):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert seen == pytest.approx(lrs)
+    assert seen == pytest.approx(lrs)  # Python floats from the schedules' formulas: ~1e-16 apart
 
 
 # ---------------------------------------------------------------------------- short runs
