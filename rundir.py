@@ -21,8 +21,10 @@ so a process killed at any instant leaves whole files only, plus at most one `.t
 A run is 'new' (nothing yet), 'partial' (args.json is there), 'trained' (the checkpoint of its
 last epoch is there) or 'done' (info.pkl covers every epoch).
 """
+import argparse
 import errno
 import fcntl
+import fnmatch
 import glob
 import json
 import os
@@ -32,6 +34,7 @@ from contextlib import contextmanager
 
 import torch
 
+import args
 from utils import UserError, atomic_write, load_json, save_json, save_pickle, save_torch
 
 ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
@@ -80,25 +83,81 @@ def check_is_dir_or_absent(path, flag):
 
 # ---------------------------------------------------------------------------- arguments
 
+# What args.json must hold: the options (args.train_parser's) that fix a run's numbers and that every
+# run recorded. An option newer than a run (--nc_every, --cuda_graph, ...) or one that says where
+# things are (--data_dir, --device, ...) takes its default when missing.
+RECORD_REQUIRED = args.MODEL_FLAGS + ("sample_size", "batch_size", "seed", "epochs", "loss", "M", "k", "optimizer",
+                                      "lr", "patience", "decay_type", "gamma", "weight_decay", "sep_decay",
+                                      "feature_decay_rate", "history_size", "amp", "compile")
+
+
+def record_problem(record):
+    """Why a recorded value (args.json's) is not one its option could have given, as `KEY is VALUE,
+    not ...`; None when every known key is fine (keys of no option are left alone)."""
+    actions = {}
+    for action in args.train_parser()._actions:
+        actions.setdefault(action.dest, []).append(action)
+    for key, value in record.items():
+        if key not in actions:
+            continue
+        action = actions[key][0]
+        expected = _expected(action, actions[key], value)
+        if expected is not None:
+            return f"{key} is {json.dumps(value)}, not {expected}"
+    return None
+
+
+def _expected(action, same_dest, value):
+    """None if `value` fits the option, else what it should be (in words)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(action, argparse._StoreConstAction):  # --cuda_graph / --no_cuda_graph and the default
+        allowed = [action.default] + [a.const for a in same_dest]
+        return None if any(value is a for a in allowed) else " or ".join(json.dumps(a) for a in allowed)
+    if value is None and action.default is None:
+        return None
+    if action.choices is not None:
+        return None if value in action.choices and isinstance(value, str) else \
+            "one of " + ", ".join(map(str, action.choices))
+    if action.type in (None, args.path, args.run_name):
+        return None if isinstance(value, str) else "a string"
+    kind = "an integer" if action.type in (int, args.positive_int, args.nonnegative_int, args.seed_int) else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return kind
+    try:
+        return None if action.type(str(value)) == value else kind
+    except argparse.ArgumentTypeError as e:  # out of range: its own words, "must be a positive integer, got 0"
+        return str(e).removeprefix("must be ").split(", got ")[0]
+    except ValueError:
+        return kind
+
+
 def read_args(run_dir):
     """The recorded training arguments (a dict), or None when the run has no args.json."""
     path = os.path.join(run_dir, ARGS)
     if not os.path.exists(path):
         return None
     try:
-        args = load_json(path)
+        record = load_json(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({' '.join(str(e).split())[:120]}): restore it, "
                         "or start the run again with --force")
-    missing = [k for k in REQUIRED_ARGS if not isinstance(args, dict) or k not in args]
-    if missing:
-        raise UserError(f"{path} is not a run's arguments (no {', '.join(missing)}): restore it, "
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not a run's arguments (it holds a {type(record).__name__}): restore it, "
                         "or start the run again with --force")
-    return args
+    missing = [k for k in RECORD_REQUIRED if k not in record]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)}: restore it (or add the values the run was trained "
+                        "with), or start the run again with --force")
+    problem = record_problem(record)
+    if problem:
+        raise UserError(f"{path}: {problem}: correct it to the value the run was trained with, "
+                        "or start the run again with --force")
+    return record
 
 
-def write_args(run_dir, args):
-    save_json(args, os.path.join(run_dir, ARGS))
+def write_args(run_dir, record):
+    save_json(record, os.path.join(run_dir, ARGS))
 
 
 # ---------------------------------------------------------------------------- resume state

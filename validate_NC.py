@@ -31,7 +31,7 @@ import nc
 import rundir
 from models.fold import fold_batchnorm
 from models.resnet import ResNet
-from args import MODEL_FLAGS, explicit_args, validate_parser
+from args import MODEL_FLAGS, explicit_args, train_parser, validate_parser
 from utils import (Captured, UserError, all_finite, broadcast_from_rank_zero, end_distributed, fp32_convolutions,
                    get_device, init_distributed, is_rank_zero, on_side_stream, rank_device, run_main, torchrun_env,
                    world)
@@ -131,7 +131,8 @@ def run_arguments(cli, given):
     if clash:
         raise UserError(f"{', '.join(clash)}: the checkpoints in {cli.load_path} were trained otherwise; "
                         "drop these flags (they are read from the run)")
-    merged = dict(recorded)
+    # options newer than the run take their defaults (args.RECORD_REQUIRED are there: read_args checked)
+    merged = {**vars(train_parser().parse_args([])), **recorded}
     merged.update({k: getattr(cli, k) for k in ("batch_size", "gpu_id", "device", "loader", "num_workers")})
     if "data_dir" in given:
         merged["data_dir"] = cli.data_dir

@@ -527,26 +527,39 @@ def test_nc_results_being_a_file_is_refused(run_copy, capsys):
     assert fake_data.snapshot_tree(run_copy) == before
 
 
-BAD_ARGS = {"wrong_keys": '{"x": 1}', "a_list": "[1, 2]", "truncated": None}
+# how args.json is damaged: its whole text, None (cut in half), or {key: new value} (None: the key removed)
+BAD_ARGS = {"wrong_keys": '{"x": 1}', "a_list": "[1, 2]", "truncated": None, "width_a_string": {"width": "32"},
+            "epochs_a_string": {"epochs": "2"}, "no_width": {"width": None}, "no_lr": {"lr": None},
+            "SOTA_a_number": {"SOTA": 1}, "lr_not_finite": {"lr": float("nan")}}
 
 
 def damage_args(run_dir, how):
-    path = run_dir / "args.json"
+    """The key named in the damage (None for a damage of the whole file)."""
+    path, damage = run_dir / "args.json", BAD_ARGS[how]
     text = path.read_text()
-    path.write_text(text[: len(text) // 2] if BAD_ARGS[how] is None else BAD_ARGS[how])
+    if isinstance(damage, dict):
+        record = json.loads(text)
+        for key, value in damage.items():
+            record.pop(key) if value is None else record.update({key: value})
+        path.write_text(json.dumps(record))
+        return next(iter(damage))
+    path.write_text(text[: len(text) // 2] if damage is None else damage)
+    return None
 
 
 @pytest.mark.parametrize("how", sorted(BAD_ARGS))
 @pytest.mark.parametrize("script", ["validate", "resume"])
 def test_a_damaged_args_json_is_refused_in_one_line(run_copy, capsys, script, how):
-    damage_args(run_copy, how)
+    """A value of the wrong type or a missing key too: named, with the file and the fix, before use."""
+    key = damage_args(run_copy, how)
     before = fake_data.snapshot_tree(run_copy)
     if script == "validate":
         message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
     else:
         message = refused(capsys, train_1st_order.main,
                           TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
-    assert "args.json" in message
+    assert "args.json" in message and "--force" in message
+    assert key is None or key in message
     assert fake_data.snapshot_tree(run_copy) == before
 
 
