@@ -191,6 +191,20 @@ def load_state(run_dir, warn=print):
     return None
 
 
+def finished_epoch(run_dir):
+    """The last epoch the run finished: its resume state's (last.pth, or previous.pth when that cannot
+    be read) or its newest checkpoint's, whichever is later; 0 for none. With --save_every the
+    newest checkpoint may be epochs older than the state. Reads no weights (the files are mapped)."""
+    done = max((e for e, _ in list_checkpoints(run_dir)), default=0)
+    for name in (LAST, PREVIOUS):
+        try:
+            state = torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False, mmap=True)
+            return max(done, int(state["epoch"]))
+        except Exception:
+            continue
+    return done
+
+
 def append_metrics(run_dir, record):
     with open(os.path.join(run_dir, METRICS), "a") as f:
         f.write(json.dumps(record) + "\n")

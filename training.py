@@ -252,7 +252,7 @@ def check_run_dir(args, given):
         # the schedule (and the scheduler state in last.pth) is laid out over the recorded epochs
         raise UserError(f"--resume with --epochs {epochs}: this run's cosine schedule spans its "
                         f"recorded {recorded['epochs']} epochs; drop --epochs, or start a new --uid")
-    done = max((e for e, _ in rundir.list_checkpoints(run_dir)), default=0)
+    done = rundir.finished_epoch(run_dir)
     if epochs < done:
         raise UserError(f"--resume with --epochs {epochs}: {run_dir} has finished {done} epochs already; "
                         f"give --epochs {done} or more (its checkpoints are kept as they are)")

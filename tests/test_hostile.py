@@ -422,6 +422,27 @@ def test_resume_with_fewer_epochs_than_finished_is_refused_and_changes_nothing(r
     assert fake_data.snapshot_tree(run_copy) == before
 
 
+def test_resume_with_fewer_epochs_than_the_resume_state_holds_is_refused(tiny_argv, capsys, monkeypatch):
+    """--save_every 3, stopped after epoch 7 of 9: checkpoints 3 and 6, and last.pth of epoch 7."""
+    class Stop(Exception):
+        pass
+    real = training.train_one_epoch
+
+    def train_one_epoch(model, loader, step, optimizer, objective, epoch, *args, **kwargs):
+        if epoch == 8:
+            raise Stop
+        return real(model, loader, step, optimizer, objective, epoch, *args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    with pytest.raises(Stop):
+        train_1st_order.main(tiny_argv("seven", "--epochs", 9, "--save_every", 3))
+    run_dir = tiny_argv.save_dir / "seven"
+    assert checkpoint_epochs(run_dir) == [3, 6]
+    before = fake_data.snapshot_tree(run_dir)
+    message = refused(capsys, train_1st_order.main, tiny_argv("seven", "--save_every", 3, "--resume", "--epochs", 6))
+    assert "--epochs 6" in message and "finished 7 epochs" in message
+    assert fake_data.snapshot_tree(run_dir) == before
+
+
 def test_resume_after_the_data_moved_records_the_new_data_dir(tiny_argv, tmp_path):
     old, new = tmp_path / "data", tmp_path / "moved"
     fake_data.write_mnist(str(old))
