@@ -7,16 +7,20 @@
                      random states; previous.pth is the one before it, kept in case last.pth is damaged
     nc_results/      one pickle per validated checkpoint: its newest results, each keyed to everything
                      its numbers depend on (so validating on another copy of the data and back reuses them)
-    info.pkl         the per-checkpoint results as lists in epoch order (the authors' format)
+    info.pkl         the per-checkpoint results as lists in epoch order (the authors' format); rebuilt
+                     from the results at hand, it keeps what it held that can be found nowhere else
     test_log.txt     one line of NC1-NC4 and accuracies per validated checkpoint
     metrics.jsonl    one JSON object per trained epoch (loss, the training loop's accuracies loop_acc1/5,
                      learning rate, seconds, and where measured NC1-NC4 and the measured accuracies
                      train_acc1/5, test_acc1/5), appended as each epoch ends: `tail -f` follows a run
     .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
                      process on the same run is refused; the kernel drops a dead process's lock
+    .results.lock    held, for the moment of a write, by whoever writes nc_results/, info.pkl or test_log.txt
+                     (a validation and a training that measures as it goes take turns)
 
 Every file is written to a temporary name beside it and renamed into place (utils.atomic_write),
-so a process killed at any instant leaves whole files only, plus at most one `.tmp_*` file.
+so a process killed at any instant leaves whole files only, plus at most one `.tmp_*` file, which
+the next process that holds the lock of its kind removes.
 
 A run is 'new' (nothing yet), 'partial' (args.json is there), 'trained' (the checkpoint of its
 last epoch is there) or 'done' (info.pkl covers every epoch).
@@ -40,18 +44,18 @@ from utils import UserError, atomic_write, load_json, save_json, save_pickle, sa
 ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
 INFO, TEST_LOG, RESULTS, METRICS = "info.pkl", "test_log.txt", "nc_results", "metrics.jsonl"
 RUNBOOK_LOG = "runbook.log"  # the output of the runbook's commands for this run (experiments.py --jobs)
-TRAIN_LOCK, VALIDATE_LOCK = ".lock", ".validate.lock"
+TRAIN_LOCK, VALIDATE_LOCK, RESULTS_LOCK = ".lock", ".validate.lock", ".results.lock"
 CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
 RESULT = re.compile(r"^epoch_(\d{3,})\.pkl$")
 # Results of one checkpoint kept under different keys (data, model flags, metric version): the newest.
 RESULTS_PER_CHECKPOINT = 4
-# What a process killed mid-save leaves behind: the temporary files of utils.atomic_write.
+# What a process killed mid-save leaves behind: the temporary files of utils.atomic_write, named
+# .tmp_<file>.<random>. Those of the results are written under RESULTS_LOCK, the others by training.
 STALE = (".tmp_*",)
+STALE_RESULTS = (f".tmp_{INFO}.*", f".tmp_{TEST_LOG}.*", f"{RESULTS}/.tmp_*")
 # Files of a run that --force removes before starting over (the locks stay: one is held).
 RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS, TRAIN_LOG, INFO, TEST_LOG, METRICS, f"{RESULTS}/*.pkl", *STALE,
              f"{RESULTS}/.tmp_*")
-# Keys args.json must hold for a run to be resumed or validated.
-REQUIRED_ARGS = ("model", "dataset", "epochs", "optimizer", "batch_size", "seed")
 
 
 def checkpoint_path(run_dir, epoch):
@@ -275,20 +279,31 @@ def result_epochs(run_dir):
     return sorted(int(m.group(1)) for m in map(RESULT.match, names) if m)
 
 
-def _stored_results(path):
-    """[(key, result)] stored in a checkpoint's results file, newest first ([] if missing or unreadable)."""
+def results_path(run_dir, epoch):
+    return os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl")
+
+
+def stored_results(run_dir, epoch):
+    """[(key, result)] stored for a checkpoint, newest first: [] without a file, None when it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with open(results_path(run_dir, epoch), "rb") as f:
             saved = pickle.load(f)
         return [(entry["key"], entry["result"]) for entry in saved["results"]]
-    except Exception:
+    except FileNotFoundError:
         return []
+    except Exception:
+        return None
 
 
-def read_result(run_dir, epoch, key):
-    """The stored result of a checkpoint, if it was computed under exactly `key` (None otherwise)."""
-    stored = _stored_results(os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl"))
-    return next((result for k, result in stored if k == key), None)
+def _without(key, field):
+    return {k: v for k, v in key.items() if k != field} if isinstance(key, dict) else key
+
+
+def read_result(run_dir, epoch, key, ignoring=None):
+    """The stored result of a checkpoint, if it was computed under exactly `key` (None otherwise);
+    with ignoring=FIELD, under a key that equals `key` but for that field."""
+    same = (lambda k: k == key) if ignoring is None else (lambda k: _without(k, ignoring) == _without(key, ignoring))
+    return next((result for k, result in stored_results(run_dir, epoch) or [] if same(k)), None)
 
 
 def write_result(run_dir, epoch, key, result):
@@ -296,9 +311,10 @@ def write_result(run_dir, epoch, key, result):
     same checkpoint measured on another copy of the data, say), so that going back to them reuses them."""
     folder = results_dir(run_dir)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"epoch_{epoch:03d}.pkl")
-    kept = [(key, result)] + [(k, r) for k, r in _stored_results(path) if k != key]
-    save_pickle({"results": [{"key": k, "result": r} for k, r in kept[:RESULTS_PER_CHECKPOINT]]}, path)
+    with results_locked(run_dir):
+        kept = [(key, result)] + [(k, r) for k, r in stored_results(run_dir, epoch) or [] if k != key]
+        save_pickle({"results": [{"key": k, "result": r} for k, r in kept[:RESULTS_PER_CHECKPOINT]]},
+                    results_path(run_dir, epoch))
 
 
 def write_info(run_dir, results, info_keys, format_line):
@@ -325,6 +341,16 @@ def read_info(run_dir):
         raise ValueError("its lists differ in length (" +
                          ", ".join(f"{k} {n}" for k, n in sorted(lengths.items())) + ")")
     return info
+
+
+def info_entries(run_dir):
+    """{epoch: its entry} of the info.pkl there now (the epoch's item of each list); {} without one.
+    Raises as read_info does when it cannot be read."""
+    if not os.path.exists(os.path.join(run_dir, INFO)):
+        return {}
+    info = read_info(run_dir)
+    lists = {k: v for k, v in info.items() if k != "epochs" and isinstance(v, (list, tuple))}
+    return {e: {k: v[i] for k, v in lists.items()} for i, e in enumerate(info_epochs(info))}
 
 
 def info_epochs(info):
@@ -391,3 +417,37 @@ def locked(run_dir, lock_name=TRAIN_LOCK, what="trained"):
             raise
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextmanager
+def results_locked(run_dir):
+    """Hold the lock of the run's results (nc_results/, info.pkl, test_log.txt) for a read and a write:
+    every process that writes them waits for it, so a validation and a training that measures as it
+    goes take turns and never lose each other's results. Nobody writes results without it, so a
+    temporary file of results found on taking it was left by a killed writer: it is removed."""
+    fd = os.open(os.path.join(run_dir, RESULTS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        clear(run_dir, STALE_RESULTS)
+        yield
+    finally:
+        os.close(fd)
+
+
+def clear_stale_training(run_dir):
+    """Remove the temporary files of training's own files (checkpoints, resume state, args.json,
+    metrics.jsonl) that a killed training left; for the holder of TRAIN_LOCK. The results' are
+    left to results_locked: a validation may be writing them now."""
+    results = [os.path.basename(p) for p in STALE_RESULTS if "/" not in p]
+    for path in glob.glob(os.path.join(run_dir, ".tmp_*")):
+        if not any(fnmatch.fnmatch(os.path.basename(path), p) for p in results):
+            os.remove(path)
+
+
+def clear_stale_results(run_dir):
+    """Remove the temporary files of results that a killed writer left, if there are any (taking the
+    results' lock: one may belong to a live writer, which is then waited for)."""
+    if any(glob.glob(os.path.join(run_dir, pattern)) for pattern in STALE_RESULTS):
+        with results_locked(run_dir):
+            pass
+

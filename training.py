@@ -531,8 +531,9 @@ def train(args, step, device, run_dir, note=None):
 
     start, changed, order_note = 0, [], None
     if args.resume:
-        if writer:
-            rundir.clear(run_dir, rundir.STALE)
+        if writer:  # what a killed process left: training's own temporaries, and any of the results
+            rundir.clear_stale_training(run_dir)
+            rundir.clear_stale_results(run_dir)
         # A new --epochs, --data_dir, ... is recorded, so that a later plain --resume goes on with it;
         # a run that was moved or renamed is left as it is.
         where = ("save_dir", "uid")
@@ -572,6 +573,16 @@ def train(args, step, device, run_dir, note=None):
     if args.nc_every:  # measured exactly as validate_NC.py measures, with its batch size
         measurement = validate_NC.Measurement(run_dir, args, data, model, device, channels_last, VALIDATION_BATCH)
         results = measurement.stored_results(max_epoch=start)
+        # info.pkl keeps these when it is rewritten (validate_NC.write_info); a validation measures again
+        # those that have checkpoints
+        only_in_info = [e for e in sorted(rundir.validated_epochs(run_dir) - set(results))
+                        if not rundir.stored_results(run_dir, e)]
+        if only_in_info:
+            line = (f"note: {rundir.INFO} holds {validate_NC.epochs_text(only_in_info)} without a result in "
+                    f"{rundir.RESULTS}/ (removed?): it keeps them as they are")
+            log(line)
+            say(line)
+
 
     t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,

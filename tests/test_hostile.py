@@ -25,7 +25,7 @@ import training
 import utils
 import validate_NC
 from args import train_parser
-from conftest import REPO, TINY_RUN, load_pickle, refused
+from conftest import REPO, TINY_RUN, load_pickle, refused, same
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -679,3 +679,89 @@ def test_a_folder_where_a_result_file_goes_is_one_line(run_copy, capsys, blocked
     assert len(errors) == 1 and errors[0].startswith("error: ") and blocked in errors[0], err
     assert sorted(os.listdir(os.path.join(run_copy, "nc_results"))) == ["epoch_001.pkl", "epoch_002.pkl"]
     assert not [n for n in os.listdir(run_copy) if n.startswith(".tmp_")]
+
+# ---------------------------------------------------------------------------- 11. results never lost
+
+@pytest.fixture(scope="module")
+def in_run(tmp_path_factory):
+    """A tiny run of 3 epochs measured as it trained, keeping the checkpoint of epoch 3 alone."""
+    save_dir = tmp_path_factory.mktemp("in_run")
+    return train_1st_order.main(TINY_RUN + ["--save_dir", str(save_dir), "--uid", "in_run", "--epochs", "3",
+                                            "--nc_every", "1", "--save_every", "3"])
+
+
+@pytest.fixture
+def in_run_copy(in_run, tmp_path):
+    return shutil.copytree(in_run, tmp_path / "runs" / "in_run")  # (copytree keeps the checkpoint's mtime)
+
+
+def entries(info, epochs):
+    """info's entries of these epochs, as lists like info's."""
+    index = [info["epochs"].index(e) for e in epochs]
+    return {k: [v[i] for i in index] for k, v in info.items()}
+
+
+def one_warning(caught, needle):
+    lines = [str(w.message) for w in caught if needle in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0], [str(w.message) for w in caught]
+    return lines[0]
+
+
+def test_validation_keeps_what_info_pkl_holds_of_epochs_it_cannot_measure(in_run_copy, capsys):
+    """nc_results/ removed: the checkpoint of epoch 3 is measured again, and epochs 1-2, which have
+    neither a checkpoint nor a stored result any more, keep their entries, said in one line."""
+    before = load_pickle(in_run_copy / "info.pkl")
+    shutil.rmtree(in_run_copy / "nc_results")
+    with pytest.warns(UserWarning) as caught:
+        validate(in_run_copy)
+    after = load_pickle(in_run_copy / "info.pkl")
+    assert after["epochs"] == [1, 2, 3] and same(entries(after, [1, 2]), entries(before, [1, 2]))
+    assert "epochs 1-2" in one_warning(caught, "keeps its earlier results")
+    assert summary(capsys.readouterr().out) == ("1", "0", "0")
+
+
+def test_resume_keeps_what_info_pkl_holds_without_stored_results(in_run_copy, capsys):
+    before = load_pickle(in_run_copy / "info.pkl")
+    shutil.rmtree(in_run_copy / "nc_results")
+    train_1st_order.main(["--save_dir", str(in_run_copy.parent), "--uid", "in_run", "--resume", "--epochs", "5"])
+    after = load_pickle(in_run_copy / "info.pkl")
+    assert after["epochs"] == [1, 2, 3, 4, 5] and same(entries(after, [1, 2, 3]), before)
+    assert "info.pkl holds epochs 1-3 without a result in nc_results/" in capsys.readouterr().out
+
+
+def test_a_damaged_stored_result_is_named_as_the_cause(in_run_copy):
+    before = load_pickle(in_run_copy / "info.pkl")
+    with open(in_run_copy / "nc_results" / "epoch_001.pkl", "r+b") as f:
+        f.truncate(20)
+    with pytest.warns(UserWarning) as caught:
+        validate(in_run_copy)
+    assert same(load_pickle(in_run_copy / "info.pkl"), before)  # epoch 1 kept, 2 and 3 reused
+    assert "epoch 1 (their files in nc_results/ cannot be read" in one_warning(caught, "keeps its earlier")
+    os.remove(in_run_copy / "info.pkl")  # now nothing holds epoch 1
+    with pytest.warns(UserWarning) as caught:
+        validate(in_run_copy)
+    assert load_pickle(in_run_copy / "info.pkl")["epochs"] == [2, 3]
+    assert "epoch 1: the files in nc_results/ cannot be read" in one_warning(caught, "leaves out")
+    assert not [w for w in caught if "other data" in str(w.message)]
+
+
+def test_the_result_of_a_checkpoint_removed_after_it_was_measured_stands(run_copy, capsys):
+    validate(run_copy)
+    os.remove(run_copy / "epoch_001.pth")
+    capsys.readouterr()
+    assert validate(run_copy)["epochs"] == [1, 2]
+    assert summary(capsys.readouterr().out) == ("0", "2", "0")
+
+
+def test_temporaries_of_killed_writes_are_removed_by_the_next_writer_of_their_kind(run_copy):
+    """What utils.atomic_write leaves when its process is killed before the rename. Validation removes
+    those of the results only (a training may be writing its own at this moment); --resume its own."""
+    (run_copy / "nc_results").mkdir()
+    results = ["nc_results/.tmp_epoch_001.pkl.x1", ".tmp_info.pkl.x2", ".tmp_test_log.txt.x3"]
+    training_files = [".tmp_last.pth.x4", ".tmp_epoch_003.pth.x5", ".tmp_args.json.x6"]
+    for name in results + training_files:
+        (run_copy / name).write_bytes(b"half")
+    validate(run_copy)
+    assert [n for n in results + training_files if (run_copy / n).exists()] == training_files
+    train_1st_order.main(["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
+    assert not [n for n in training_files if (run_copy / n).exists()]
