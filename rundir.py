@@ -13,8 +13,9 @@
     metrics.jsonl    one JSON object per trained epoch (loss, the training loop's accuracies loop_acc1/5,
                      learning rate, seconds, and where measured NC1-NC4 and the measured accuracies
                      train_acc1/5, test_acc1/5), appended as each epoch ends: `tail -f` follows a run
-    .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
-                     process on the same run is refused; the kernel drops a dead process's lock
+    .lock, .validate.lock   held (flock) by the process that trains, or validates, the run, so that a
+                     second one is refused; a start over (--force) holds both until the old run is gone.
+                     The kernel drops a dead process's lock
     .results.lock    held, for the moment of a write, by whoever writes nc_results/, info.pkl or test_log.txt
                      (a validation and a training that measures as it goes take turns)
 
@@ -34,7 +35,7 @@ import json
 import os
 import pickle
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -45,6 +46,7 @@ ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "pre
 INFO, TEST_LOG, RESULTS, METRICS = "info.pkl", "test_log.txt", "nc_results", "metrics.jsonl"
 RUNBOOK_LOG = "runbook.log"  # the output of the runbook's commands for this run (experiments.py --jobs)
 TRAIN_LOCK, VALIDATE_LOCK, RESULTS_LOCK = ".lock", ".validate.lock", ".results.lock"
+LOCKS = (TRAIN_LOCK, VALIDATE_LOCK, RESULTS_LOCK)
 CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
 RESULT = re.compile(r"^epoch_(\d{3,})\.pkl$")
 # Results of one checkpoint kept under different keys (data, model flags, metric version): the newest.
@@ -53,7 +55,7 @@ RESULTS_PER_CHECKPOINT = 4
 # .tmp_<file>.<random>. Those of the results are written under RESULTS_LOCK, the others by training.
 STALE = (".tmp_*",)
 STALE_RESULTS = (f".tmp_{INFO}.*", f".tmp_{TEST_LOG}.*", f"{RESULTS}/.tmp_*")
-# Files of a run that --force removes before starting over (the locks stay: one is held).
+# Files of a run that --force removes before starting over (the locks stay: they are held).
 RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS, TRAIN_LOG, INFO, TEST_LOG, METRICS, f"{RESULTS}/*.pkl", *STALE,
              f"{RESULTS}/.tmp_*")
 
@@ -382,36 +384,53 @@ def state(run_dir, epochs):
 
 # ---------------------------------------------------------------------------- ownership
 
+def _open_lock(run_dir, lock_name, fix):
+    """The open lock file run_dir/lock_name (a file descriptor); a folder in its way, or a run directory
+    where no file can be created, is a UserError naming it (and `fix`, what to do about the latter)."""
+    path = os.path.join(run_dir, lock_name)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, where the run keeps a lock file: move it away, then run again")
+        raise UserError(f"cannot write in the run directory {run_dir} ({e.strerror}): {fix}")
+
+
 @contextmanager
-def locked(run_dir, lock_name=TRAIN_LOCK, what="trained"):
-    """Hold run_dir's lock for the body, creating run_dir if needed. Another process holding it is
-    refused in one line. The lock is an flock, so a killed process never leaves it stuck; should
-    the body refuse to start, a run directory created here is removed again."""
+def locked(run_dir, lock_name=TRAIN_LOCK, what="trained", fix="choose a writable --save_dir"):
+    """Hold run_dir's lock for the body, creating run_dir if needed; the lock file says who holds it
+    (its pid) and `what` is being done. Another process holding it is refused in one line, which
+    names them. The lock is an flock, so a killed process never leaves it stuck; should the body
+    refuse to start, a run directory created here is removed again. `fix` says what to do when no
+    lock file can be created there."""
     created, folder = [], os.path.abspath(run_dir)  # the folders made here, deepest first
     while not os.path.exists(folder):
         created.append(folder)
         folder = os.path.dirname(folder)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(os.path.join(run_dir, lock_name), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"cannot create the run directory {run_dir} ({e.strerror}): choose a writable --save_dir")
+    fd = _open_lock(run_dir, lock_name, fix)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            raise UserError(f"{run_dir} is being {what} by another process (pid {holder}); "
-                            "wait for it to finish, or stop it first")
+            # the holder's pid and what it does (a start over holds validation's lock too)
+            pid, _, doing = os.read(fd, 128).decode(errors="replace").partition("\n")
+            raise UserError(f"{run_dir} is being {doing.strip() or what} by another process "
+                            f"(pid {pid.strip() or '?'}); wait for it to finish, or stop it first")
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{what}\n".encode())
         try:
             yield
         except UserError:
-            if created and os.listdir(run_dir) == [lock_name]:
-                os.remove(os.path.join(run_dir, lock_name))
+            names = os.listdir(run_dir)
+            if created and set(names) <= set(LOCKS):  # nothing but locks: the folder goes again
+                for name in names:
+                    os.remove(os.path.join(run_dir, name))
                 for folder in created:
                     os.rmdir(folder)
             raise
@@ -425,7 +444,7 @@ def results_locked(run_dir):
     every process that writes them waits for it, so a validation and a training that measures as it
     goes take turns and never lose each other's results. Nobody writes results without it, so a
     temporary file of results found on taking it was left by a killed writer: it is removed."""
-    fd = os.open(os.path.join(run_dir, RESULTS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(run_dir, RESULTS_LOCK, "make it writable")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         clear(run_dir, STALE_RESULTS)
@@ -451,3 +470,10 @@ def clear_stale_results(run_dir):
         with results_locked(run_dir):
             pass
 
+
+def start_over(run_dir):
+    """Remove every file of a run (RUN_FILES) before it starts: for --force, the caller holds TRAIN_LOCK
+    and VALIDATE_LOCK, so that no validation reads the old run meanwhile or writes its results after.
+    A new run has nothing to guard (nor any lock but TRAIN_LOCK yet)."""
+    with results_locked(run_dir) if has_run(run_dir) else nullcontext():
+        clear(run_dir)

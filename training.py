@@ -368,10 +368,21 @@ def main(args, make_step, optimizers, given=()):
     check_fits(args, device)
     step, note = build_step(args, make_step, device)
     run_dir = os.path.join(args.save_dir, args.uid)
-    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
+    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"), ExitStack() as starting:
         args = check_run_dir(args, dict(given))  # again, now that no other process can change the answer
+        starting.enter_context(start_lock(args, run_dir))
         with attempt(args, run_dir):
-            return train(args, step, device, run_dir, note)
+            return train(args, step, device, run_dir, note, started=starting.close)
+
+
+def start_lock(args, run_dir):
+    """What a run holds while it starts: to start over a run, validation's lock too (a validation of
+    the old run must neither read it as it goes nor write its results after), released by train()
+    once the old files are gone; nothing for --resume (validating a run as it trains is fine) or a
+    new run."""
+    if args.resume or not rundir.has_run(run_dir):
+        return nullcontext()
+    return rundir.locked(run_dir, rundir.VALIDATE_LOCK, "started over")
 
 
 def checked(args, optimizers, given):
@@ -418,7 +429,7 @@ def main_torchrun(args, make_step, optimizers, given):
     init_distributed()
     rank, size = world()
     try:
-        with ExitStack() as lock:
+        with ExitStack() as lock, ExitStack() as starting:
             refusal, verdict = None, None
             if rank == 0:
                 try:
@@ -428,6 +439,7 @@ def main_torchrun(args, make_step, optimizers, given):
                     run_dir = os.path.join(args.save_dir, args.uid)
                     lock.enter_context(rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"))
                     verdict = check_run_dir(args, dict(given))
+                    starting.enter_context(start_lock(verdict, run_dir))
                 except UserError as e:
                     refusal, verdict = e, str(e)
             verdict = broadcast_from_rank_zero(verdict)
@@ -440,7 +452,7 @@ def main_torchrun(args, make_step, optimizers, given):
             step, note = build_step(args, make_step, device, distributed=True)
             run_dir = os.path.join(args.save_dir, args.uid)
             with attempt(args, run_dir):
-                return train(args, step, device, run_dir, note)
+                return train(args, step, device, run_dir, note, started=starting.close)
     finally:
         end_distributed()
 
@@ -505,8 +517,9 @@ def resume_data_order(generator, saved, seed):
                 f"on here: later epochs are shuffled from seed {seed}, not as an uninterrupted run's")
 
 
-def train(args, step, device, run_dir, note=None):
-    """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log."""
+def train(args, step, device, run_dir, note=None, started=lambda: None):
+    """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log;
+    `started()` is called once the run directory is ready to be validated (see start_lock)."""
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     check_same_data(args, validate_NC.data_key(data))
@@ -555,8 +568,9 @@ def train(args, step, device, run_dir, note=None):
         if writer:
             rundir.truncate_metrics(run_dir, start)  # the epochs after it are trained again
     elif writer:
-        rundir.clear(run_dir)
+        rundir.start_over(run_dir)
         rundir.write_args(run_dir, recorded(args))
+    started()
     log = Log(os.path.join(run_dir, rundir.TRAIN_LOG)) if writer else (lambda line: None)
     log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}"
         + (f" with {', '.join(changed)}" if changed else "")
@@ -582,7 +596,6 @@ def train(args, step, device, run_dir, note=None):
                     f"{rundir.RESULTS}/ (removed?): it keeps them as they are")
             log(line)
             say(line)
-
 
     t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,

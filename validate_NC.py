@@ -433,7 +433,10 @@ def main_one(argv=None):
     if distributed and (measures or cli.layers is not None):
         raise UserError("--measures and --layers are measured by one process: run validate_NC.py without torchrun")
     device = rank_device(args.device) if distributed else get_device(args.gpu_id, args.device)
-    with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated") if is_rank_zero() else nullcontext():
+    lock = rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated",
+                         fix="validation writes info.pkl and nc_results/ there: make it writable, or validate a copy "
+                             "of it (--load_path)")
+    with lock if is_rank_zero() else nullcontext():
         return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs,
                         measures, cli.layers)
 

@@ -1,6 +1,7 @@
 """The audit of hostile use: concurrent processes, divergence, stale caches, resumes that drift, signals,
 and the inputs that used to end in a traceback. Each test reproduces one reported failure."""
 import contextlib
+import errno
 import inspect
 import io
 import json
@@ -20,6 +21,7 @@ import torch
 import experiments
 import fake_data
 import plot_runs
+import rundir
 import train_1st_order
 import training
 import utils
@@ -167,8 +169,8 @@ class Scenario:
 
 
 def holder(lock):
-    """The pid written in a lock file (None without one)."""
-    return lock.read_text().strip() if lock.exists() else None
+    """The pid written in a lock file (None without one); the line after it says what the holder does."""
+    return lock.read_text().splitlines()[0] if lock.exists() else None
 
 
 def run_in_process(main, *args):
@@ -680,6 +682,7 @@ def test_a_folder_where_a_result_file_goes_is_one_line(run_copy, capsys, blocked
     assert sorted(os.listdir(os.path.join(run_copy, "nc_results"))) == ["epoch_001.pkl", "epoch_002.pkl"]
     assert not [n for n in os.listdir(run_copy) if n.startswith(".tmp_")]
 
+
 # ---------------------------------------------------------------------------- 11. results never lost
 
 @pytest.fixture(scope="module")
@@ -751,6 +754,66 @@ def test_the_result_of_a_checkpoint_removed_after_it_was_measured_stands(run_cop
     capsys.readouterr()
     assert validate(run_copy)["epochs"] == [1, 2]
     assert summary(capsys.readouterr().out) == ("0", "2", "0")
+
+
+# ---------------------------------------------------------------------------- 12. one writer of a run at a time
+
+def without_locks(snapshot):
+    files, dirs = snapshot
+    return {k: v for k, v in files.items() if not k.endswith(".lock")}, dirs
+
+
+def test_a_start_over_is_refused_while_the_run_is_validated(run_copy, capsys):
+    """validate_NC.py holds the validation lock while it runs: a --force restart (here of another
+    model) must not replace the run under it, which would end with the new run's args.json and
+    checkpoints beside the old run's info.pkl."""
+    validate(run_copy)
+    before = without_locks(fake_data.snapshot_tree(run_copy))
+    with rundir.locked(str(run_copy), rundir.VALIDATE_LOCK, "validated"):
+        message = refused(capsys, train_1st_order.main,
+                          TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--force", "--width", "16"])
+    assert f"being validated by another process (pid {os.getpid()})" in message
+    assert without_locks(fake_data.snapshot_tree(run_copy)) == before
+
+
+def test_a_run_started_over_inherits_no_result_and_may_be_validated_as_it_trains(run_copy, monkeypatch):
+    validate(run_copy)  # the old run's info.pkl, of epochs 1-2
+    real, seen = training.train_one_epoch, {}
+
+    def train_one_epoch(model, loader, step, optimizer, objective, epoch, *args, **kwargs):
+        if epoch == 2:  # the start over is done: validation's lock is free again
+            seen["while_training"] = validate(run_copy)["epochs"]
+        return real(model, loader, step, optimizer, objective, epoch, *args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    train_1st_order.main(TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--force", "--width", "16"])
+    assert seen["while_training"] == [1]
+    info = validate(run_copy)
+    assert info["epochs"] == [1, 2] and all(W.shape == (10, 16) for W in info["W"])
+
+
+def test_a_read_only_run_is_named_with_load_path(run_copy, capsys, monkeypatch):
+    """A PermissionError stands for a folder without write permission (as root, chmod stops no write)."""
+    real = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).endswith(rundir.VALIDATE_LOCK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(rundir.os, "open", refusing)
+    message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    assert str(run_copy) in message and "--load_path" in message and "--save_dir" not in message
+
+
+@pytest.mark.parametrize("lock", [rundir.TRAIN_LOCK, rundir.VALIDATE_LOCK])
+def test_a_folder_where_a_lock_goes_is_named(run_copy, capsys, lock):
+    if (run_copy / lock).exists():
+        os.remove(run_copy / lock)
+    (run_copy / lock).mkdir()
+    if lock == rundir.VALIDATE_LOCK:
+        message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    else:
+        message = refused(capsys, train_1st_order.main, ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
+    assert str(run_copy / lock) in message and "folder" in message
 
 
 def test_temporaries_of_killed_writes_are_removed_by_the_next_writer_of_their_kind(run_copy):

@@ -70,10 +70,22 @@ def test_a_run_has_one_owner_at_a_time(tmp_path):
         pass
 
 
+def test_a_refusal_names_what_the_holder_does(tmp_path):
+    run = str(tmp_path / "run")
+    with rundir.locked(run, rundir.VALIDATE_LOCK, "started over"):  # as a --force restart holds it
+        with pytest.raises(UserError, match=f"being started over by another process \\(pid {os.getpid()}\\)"):
+            with rundir.locked(run, rundir.VALIDATE_LOCK, "validated"):
+                pass
+
+
 def test_a_refused_start_leaves_no_folder_behind(tmp_path):
     run = tmp_path / "new" / "deeper" / "run"
     with pytest.raises(UserError):
         with rundir.locked(str(run)):
+            raise UserError("refused")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError):  # a start over holds validation's lock too
+        with rundir.locked(str(run)), rundir.locked(str(run), rundir.VALIDATE_LOCK, "started over"):
             raise UserError("refused")
     assert not (tmp_path / "new").exists()
     os.makedirs(run)
