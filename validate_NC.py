@@ -427,6 +427,7 @@ def main_one(argv=None):
     if not rundir.list_checkpoints(run_dir, cli.epochs) and not rundir.result_epochs(run_dir):
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
     measures = parse_measures(cli.measures)
+    recorded = rundir.read_args(run_dir)
     args = run_arguments(cli, explicit_args(parser, argv))
     rundir.results_dir(run_dir)  # refuses a file in the way before any work
     distributed = torchrun_env() is not None
@@ -437,8 +438,16 @@ def main_one(argv=None):
                          fix="validation writes info.pkl and nc_results/ there: make it writable, or validate a copy "
                              "of it (--load_path)")
     with lock if is_rank_zero() else nullcontext():
+        if is_rank_zero() and network(rundir.read_args(run_dir)) != network(recorded):  # read before the lock
+            raise UserError(f"{run_dir} was started over with another model or data by another process as this "
+                            "validation began: run it again")
         return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs,
                         measures, cli.layers)
+
+
+def network(record):
+    """What validation takes from a run's record to build its model and data."""
+    return {k: (record or {}).get(k) for k in MODEL_FLAGS + ("sample_size",)}
 
 
 def validate(args, run_dir, checkpoints, device, max_epoch=None, measures=(), layers=None):

@@ -776,6 +776,21 @@ def test_a_start_over_is_refused_while_the_run_is_validated(run_copy, capsys):
     assert without_locks(fake_data.snapshot_tree(run_copy)) == before
 
 
+def test_a_start_over_between_reading_the_run_and_locking_it_is_refused(run_copy, capsys, monkeypatch):
+    """Validation reads args.json before it holds its lock: a --force restart (another width) in
+    between is found once the lock is held, and nothing is measured with the old model's flags."""
+    real = validate_NC.run_arguments
+
+    def run_arguments(cli, given):
+        merged = real(cli, given)
+        record = json.loads((run_copy / "args.json").read_text())
+        (run_copy / "args.json").write_text(json.dumps({**record, "width": 16}))
+        return merged
+    monkeypatch.setattr(validate_NC, "run_arguments", run_arguments)
+    message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    assert "started over" in message and not (run_copy / "info.pkl").exists()
+
+
 def test_a_run_started_over_inherits_no_result_and_may_be_validated_as_it_trains(run_copy, monkeypatch):
     validate(run_copy)  # the old run's info.pkl, of epochs 1-2
     real, seen = training.train_one_epoch, {}
