@@ -806,6 +806,22 @@ def test_a_run_started_over_inherits_no_result_and_may_be_validated_as_it_trains
     assert info["epochs"] == [1, 2] and all(W.shape == (10, 16) for W in info["W"])
 
 
+def test_a_validation_and_a_training_that_measures_keep_each_others_results(tiny_argv, monkeypatch):
+    """Training measures epochs 2 and 3 (--nc_every 2, and the last); a validation during epoch 3
+    measures the checkpoints of epochs 1 and 2. Training's next rewrite of info.pkl keeps the
+    validation's epoch 1."""
+    real, seen = training.train_one_epoch, {}
+
+    def train_one_epoch(model, loader, step, optimizer, objective, epoch, *args, **kwargs):
+        if epoch == 3:
+            seen["validated"] = validate(tiny_argv.save_dir / "turns")["epochs"]
+        return real(model, loader, step, optimizer, objective, epoch, *args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    run_dir = train_1st_order.main(tiny_argv("turns", "--epochs", 3, "--nc_every", 2))
+    assert seen["validated"] == [1, 2]
+    assert load_pickle(os.path.join(run_dir, "info.pkl"))["epochs"] == [1, 2, 3]
+
+
 def test_a_read_only_run_is_named_with_load_path(run_copy, capsys, monkeypatch):
     """A PermissionError stands for a folder without write permission (as root, chmod stops no write)."""
     real = os.open
