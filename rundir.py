@@ -7,48 +7,57 @@
                      random states; previous.pth is the one before it, kept in case last.pth is damaged
     nc_results/      one pickle per validated checkpoint: its newest results, each keyed to everything
                      its numbers depend on (so validating on another copy of the data and back reuses them)
-    info.pkl         the per-checkpoint results as lists in epoch order (the authors' format)
+    info.pkl         the per-checkpoint results as lists in epoch order (the authors' format); rebuilt
+                     from the results at hand, it keeps what it held that can be found nowhere else
     test_log.txt     one line of NC1-NC4 and accuracies per validated checkpoint
     metrics.jsonl    one JSON object per trained epoch (loss, the training loop's accuracies loop_acc1/5,
                      learning rate, seconds, and where measured NC1-NC4 and the measured accuracies
                      train_acc1/5, test_acc1/5), appended as each epoch ends: `tail -f` follows a run
-    .lock, .validate.lock   held (flock) by the process that writes the run, so that a second
-                     process on the same run is refused; the kernel drops a dead process's lock
+    .lock, .validate.lock   held (flock) by the process that trains, or validates, the run, so that a
+                     second one is refused; a start over (--force) holds both until the old run is gone.
+                     The kernel drops a dead process's lock
+    .results.lock    held, for the moment of a write, by whoever writes nc_results/, info.pkl or test_log.txt
+                     (a validation and a training that measures as it goes take turns)
 
 Every file is written to a temporary name beside it and renamed into place (utils.atomic_write),
-so a process killed at any instant leaves whole files only, plus at most one `.tmp_*` file.
+so a process killed at any instant leaves whole files only, plus at most one `.tmp_*` file, which
+the next process that holds the lock of its kind removes.
 
 A run is 'new' (nothing yet), 'partial' (args.json is there), 'trained' (the checkpoint of its
 last epoch is there) or 'done' (info.pkl covers every epoch).
 """
+import argparse
 import errno
 import fcntl
+import fnmatch
 import glob
 import json
 import os
 import pickle
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
+import args
 from utils import UserError, atomic_write, load_json, save_json, save_pickle, save_torch
 
 ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
 INFO, TEST_LOG, RESULTS, METRICS = "info.pkl", "test_log.txt", "nc_results", "metrics.jsonl"
 RUNBOOK_LOG = "runbook.log"  # the output of the runbook's commands for this run (experiments.py --jobs)
-TRAIN_LOCK, VALIDATE_LOCK = ".lock", ".validate.lock"
+TRAIN_LOCK, VALIDATE_LOCK, RESULTS_LOCK = ".lock", ".validate.lock", ".results.lock"
+LOCKS = (TRAIN_LOCK, VALIDATE_LOCK, RESULTS_LOCK)
 CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
 RESULT = re.compile(r"^epoch_(\d{3,})\.pkl$")
 # Results of one checkpoint kept under different keys (data, model flags, metric version): the newest.
 RESULTS_PER_CHECKPOINT = 4
-# What a process killed mid-save leaves behind: the temporary files of utils.atomic_write.
+# What a process killed mid-save leaves behind: the temporary files of utils.atomic_write, named
+# .tmp_<file>.<random>. Those of the results are written under RESULTS_LOCK, the others by training.
 STALE = (".tmp_*",)
-# Files of a run that --force removes before starting over (the locks stay: one is held).
+STALE_RESULTS = (f".tmp_{INFO}.*", f".tmp_{TEST_LOG}.*", f"{RESULTS}/.tmp_*")
+# Files of a run that --force removes before starting over (the locks stay: they are held).
 RUN_FILES = ("epoch_*.pth", LAST, PREVIOUS, ARGS, TRAIN_LOG, INFO, TEST_LOG, METRICS, f"{RESULTS}/*.pkl", *STALE,
              f"{RESULTS}/.tmp_*")
-# Keys args.json must hold for a run to be resumed or validated.
-REQUIRED_ARGS = ("model", "dataset", "epochs", "optimizer", "batch_size", "seed")
 
 
 def checkpoint_path(run_dir, epoch):
@@ -80,25 +89,81 @@ def check_is_dir_or_absent(path, flag):
 
 # ---------------------------------------------------------------------------- arguments
 
+# What args.json must hold: the options (args.train_parser's) that fix a run's numbers and that every
+# run recorded. An option newer than a run (--nc_every, --cuda_graph, ...) or one that says where
+# things are (--data_dir, --device, ...) takes its default when missing.
+RECORD_REQUIRED = args.MODEL_FLAGS + ("sample_size", "batch_size", "seed", "epochs", "loss", "M", "k", "optimizer",
+                                      "lr", "patience", "decay_type", "gamma", "weight_decay", "sep_decay",
+                                      "feature_decay_rate", "history_size", "amp", "compile")
+
+
+def record_problem(record):
+    """Why a recorded value (args.json's) is not one its option could have given, as `KEY is VALUE,
+    not ...`; None when every known key is fine (keys of no option are left alone)."""
+    actions = {}
+    for action in args.train_parser()._actions:
+        actions.setdefault(action.dest, []).append(action)
+    for key, value in record.items():
+        if key not in actions:
+            continue
+        action = actions[key][0]
+        expected = _expected(action, actions[key], value)
+        if expected is not None:
+            return f"{key} is {json.dumps(value)}, not {expected}"
+    return None
+
+
+def _expected(action, same_dest, value):
+    """None if `value` fits the option, else what it should be (in words)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(action, argparse._StoreConstAction):  # --cuda_graph / --no_cuda_graph and the default
+        allowed = [action.default] + [a.const for a in same_dest]
+        return None if any(value is a for a in allowed) else " or ".join(json.dumps(a) for a in allowed)
+    if value is None and action.default is None:
+        return None
+    if action.choices is not None:
+        return None if value in action.choices and isinstance(value, str) else \
+            "one of " + ", ".join(map(str, action.choices))
+    if action.type in (None, args.path, args.run_name):
+        return None if isinstance(value, str) else "a string"
+    kind = "an integer" if action.type in (int, args.positive_int, args.nonnegative_int, args.seed_int) else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return kind
+    try:
+        return None if action.type(str(value)) == value else kind
+    except argparse.ArgumentTypeError as e:  # out of range: its own words, "must be a positive integer, got 0"
+        return str(e).removeprefix("must be ").split(", got ")[0]
+    except ValueError:
+        return kind
+
+
 def read_args(run_dir):
     """The recorded training arguments (a dict), or None when the run has no args.json."""
     path = os.path.join(run_dir, ARGS)
     if not os.path.exists(path):
         return None
     try:
-        args = load_json(path)
+        record = load_json(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({' '.join(str(e).split())[:120]}): restore it, "
                         "or start the run again with --force")
-    missing = [k for k in REQUIRED_ARGS if not isinstance(args, dict) or k not in args]
-    if missing:
-        raise UserError(f"{path} is not a run's arguments (no {', '.join(missing)}): restore it, "
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not a run's arguments (it holds a {type(record).__name__}): restore it, "
                         "or start the run again with --force")
-    return args
+    missing = [k for k in RECORD_REQUIRED if k not in record]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)}: restore it (or add the values the run was trained "
+                        "with), or start the run again with --force")
+    problem = record_problem(record)
+    if problem:
+        raise UserError(f"{path}: {problem}: correct it to the value the run was trained with, "
+                        "or start the run again with --force")
+    return record
 
 
-def write_args(run_dir, args):
-    save_json(args, os.path.join(run_dir, ARGS))
+def write_args(run_dir, record):
+    save_json(record, os.path.join(run_dir, ARGS))
 
 
 # ---------------------------------------------------------------------------- resume state
@@ -130,6 +195,20 @@ def load_state(run_dir, warn=print):
             if os.path.exists(path):
                 warn(f"warning: cannot resume from {path} ({str(e).splitlines()[0][:120]}); trying an older state")
     return None
+
+
+def finished_epoch(run_dir):
+    """The last epoch the run finished: its resume state's (last.pth, or previous.pth when that cannot
+    be read) or its newest checkpoint's, whichever is later; 0 for none. With --save_every the
+    newest checkpoint may be epochs older than the state. Reads no weights (the files are mapped)."""
+    done = max((e for e, _ in list_checkpoints(run_dir)), default=0)
+    for name in (LAST, PREVIOUS):
+        try:
+            state = torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False, mmap=True)
+            return max(done, int(state["epoch"]))
+        except Exception:
+            continue
+    return done
 
 
 def append_metrics(run_dir, record):
@@ -202,20 +281,31 @@ def result_epochs(run_dir):
     return sorted(int(m.group(1)) for m in map(RESULT.match, names) if m)
 
 
-def _stored_results(path):
-    """[(key, result)] stored in a checkpoint's results file, newest first ([] if missing or unreadable)."""
+def results_path(run_dir, epoch):
+    return os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl")
+
+
+def stored_results(run_dir, epoch):
+    """[(key, result)] stored for a checkpoint, newest first: [] without a file, None when it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with open(results_path(run_dir, epoch), "rb") as f:
             saved = pickle.load(f)
         return [(entry["key"], entry["result"]) for entry in saved["results"]]
-    except Exception:
+    except FileNotFoundError:
         return []
+    except Exception:
+        return None
 
 
-def read_result(run_dir, epoch, key):
-    """The stored result of a checkpoint, if it was computed under exactly `key` (None otherwise)."""
-    stored = _stored_results(os.path.join(run_dir, RESULTS, f"epoch_{epoch:03d}.pkl"))
-    return next((result for k, result in stored if k == key), None)
+def _without(key, field):
+    return {k: v for k, v in key.items() if k != field} if isinstance(key, dict) else key
+
+
+def read_result(run_dir, epoch, key, ignoring=None):
+    """The stored result of a checkpoint, if it was computed under exactly `key` (None otherwise);
+    with ignoring=FIELD, under a key that equals `key` but for that field."""
+    same = (lambda k: k == key) if ignoring is None else (lambda k: _without(k, ignoring) == _without(key, ignoring))
+    return next((result for k, result in stored_results(run_dir, epoch) or [] if same(k)), None)
 
 
 def write_result(run_dir, epoch, key, result):
@@ -223,9 +313,10 @@ def write_result(run_dir, epoch, key, result):
     same checkpoint measured on another copy of the data, say), so that going back to them reuses them."""
     folder = results_dir(run_dir)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"epoch_{epoch:03d}.pkl")
-    kept = [(key, result)] + [(k, r) for k, r in _stored_results(path) if k != key]
-    save_pickle({"results": [{"key": k, "result": r} for k, r in kept[:RESULTS_PER_CHECKPOINT]]}, path)
+    with results_locked(run_dir):
+        kept = [(key, result)] + [(k, r) for k, r in stored_results(run_dir, epoch) or [] if k != key]
+        save_pickle({"results": [{"key": k, "result": r} for k, r in kept[:RESULTS_PER_CHECKPOINT]]},
+                    results_path(run_dir, epoch))
 
 
 def write_info(run_dir, results, info_keys, format_line):
@@ -252,6 +343,16 @@ def read_info(run_dir):
         raise ValueError("its lists differ in length (" +
                          ", ".join(f"{k} {n}" for k, n in sorted(lengths.items())) + ")")
     return info
+
+
+def info_entries(run_dir):
+    """{epoch: its entry} of the info.pkl there now (the epoch's item of each list); {} without one.
+    Raises as read_info does when it cannot be read."""
+    if not os.path.exists(os.path.join(run_dir, INFO)):
+        return {}
+    info = read_info(run_dir)
+    lists = {k: v for k, v in info.items() if k != "epochs" and isinstance(v, (list, tuple))}
+    return {e: {k: v[i] for k, v in lists.items()} for i, e in enumerate(info_epochs(info))}
 
 
 def info_epochs(info):
@@ -283,38 +384,96 @@ def state(run_dir, epochs):
 
 # ---------------------------------------------------------------------------- ownership
 
+def _open_lock(run_dir, lock_name, fix):
+    """The open lock file run_dir/lock_name (a file descriptor); a folder in its way, or a run directory
+    where no file can be created, is a UserError naming it (and `fix`, what to do about the latter)."""
+    path = os.path.join(run_dir, lock_name)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, where the run keeps a lock file: move it away, then run again")
+        raise UserError(f"cannot write in the run directory {run_dir} ({e.strerror}): {fix}")
+
+
 @contextmanager
-def locked(run_dir, lock_name=TRAIN_LOCK, what="trained"):
-    """Hold run_dir's lock for the body, creating run_dir if needed. Another process holding it is
-    refused in one line. The lock is an flock, so a killed process never leaves it stuck; should
-    the body refuse to start, a run directory created here is removed again."""
+def locked(run_dir, lock_name=TRAIN_LOCK, what="trained", fix="choose a writable --save_dir"):
+    """Hold run_dir's lock for the body, creating run_dir if needed; the lock file says who holds it
+    (its pid) and `what` is being done. Another process holding it is refused in one line, which
+    names them. The lock is an flock, so a killed process never leaves it stuck; should the body
+    refuse to start, a run directory created here is removed again. `fix` says what to do when no
+    lock file can be created there."""
     created, folder = [], os.path.abspath(run_dir)  # the folders made here, deepest first
     while not os.path.exists(folder):
         created.append(folder)
         folder = os.path.dirname(folder)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(os.path.join(run_dir, lock_name), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"cannot create the run directory {run_dir} ({e.strerror}): choose a writable --save_dir")
+    fd = _open_lock(run_dir, lock_name, fix)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            raise UserError(f"{run_dir} is being {what} by another process (pid {holder}); "
-                            "wait for it to finish, or stop it first")
+            # the holder's pid and what it does (a start over holds validation's lock too)
+            pid, _, doing = os.read(fd, 128).decode(errors="replace").partition("\n")
+            raise UserError(f"{run_dir} is being {doing.strip() or what} by another process "
+                            f"(pid {pid.strip() or '?'}); wait for it to finish, or stop it first")
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{what}\n".encode())
         try:
             yield
         except UserError:
-            if created and os.listdir(run_dir) == [lock_name]:
-                os.remove(os.path.join(run_dir, lock_name))
+            names = os.listdir(run_dir)
+            if created and set(names) <= set(LOCKS):  # nothing but locks: the folder goes again
+                for name in names:
+                    os.remove(os.path.join(run_dir, name))
                 for folder in created:
                     os.rmdir(folder)
             raise
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextmanager
+def results_locked(run_dir):
+    """Hold the lock of the run's results (nc_results/, info.pkl, test_log.txt) for a read and a write:
+    every process that writes them waits for it, so a validation and a training that measures as it
+    goes take turns and never lose each other's results. Nobody writes results without it, so a
+    temporary file of results found on taking it was left by a killed writer: it is removed."""
+    fd = _open_lock(run_dir, RESULTS_LOCK, "make it writable")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        clear(run_dir, STALE_RESULTS)
+        yield
+    finally:
+        os.close(fd)
+
+
+def clear_stale_training(run_dir):
+    """Remove the temporary files of training's own files (checkpoints, resume state, args.json,
+    metrics.jsonl) that a killed training left; for the holder of TRAIN_LOCK. The results' are
+    left to results_locked: a validation may be writing them now."""
+    results = [os.path.basename(p) for p in STALE_RESULTS if "/" not in p]
+    for path in glob.glob(os.path.join(run_dir, ".tmp_*")):
+        if not any(fnmatch.fnmatch(os.path.basename(path), p) for p in results):
+            os.remove(path)
+
+
+def clear_stale_results(run_dir):
+    """Remove the temporary files of results that a killed writer left, if there are any (taking the
+    results' lock: one may belong to a live writer, which is then waited for)."""
+    if any(glob.glob(os.path.join(run_dir, pattern)) for pattern in STALE_RESULTS):
+        with results_locked(run_dir):
+            pass
+
+
+def start_over(run_dir):
+    """Remove every file of a run (RUN_FILES) before it starts: for --force, the caller holds TRAIN_LOCK
+    and VALIDATE_LOCK, so that no validation reads the old run meanwhile or writes its results after.
+    A new run has nothing to guard (nor any lock but TRAIN_LOCK yet)."""
+    with results_locked(run_dir) if has_run(run_dir) else nullcontext():
+        clear(run_dir)

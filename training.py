@@ -252,7 +252,7 @@ def check_run_dir(args, given):
         # the schedule (and the scheduler state in last.pth) is laid out over the recorded epochs
         raise UserError(f"--resume with --epochs {epochs}: this run's cosine schedule spans its "
                         f"recorded {recorded['epochs']} epochs; drop --epochs, or start a new --uid")
-    done = max((e for e, _ in rundir.list_checkpoints(run_dir)), default=0)
+    done = rundir.finished_epoch(run_dir)
     if epochs < done:
         raise UserError(f"--resume with --epochs {epochs}: {run_dir} has finished {done} epochs already; "
                         f"give --epochs {done} or more (its checkpoints are kept as they are)")
@@ -368,10 +368,21 @@ def main(args, make_step, optimizers, given=()):
     check_fits(args, device)
     step, note = build_step(args, make_step, device)
     run_dir = os.path.join(args.save_dir, args.uid)
-    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"):
+    with rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"), ExitStack() as starting:
         args = check_run_dir(args, dict(given))  # again, now that no other process can change the answer
+        starting.enter_context(start_lock(args, run_dir))
         with attempt(args, run_dir):
-            return train(args, step, device, run_dir, note)
+            return train(args, step, device, run_dir, note, started=starting.close)
+
+
+def start_lock(args, run_dir):
+    """What a run holds while it starts: to start over a run, validation's lock too (a validation of
+    the old run must neither read it as it goes nor write its results after), released by train()
+    once the old files are gone; nothing for --resume (validating a run as it trains is fine) or a
+    new run."""
+    if args.resume or not rundir.has_run(run_dir):
+        return nullcontext()
+    return rundir.locked(run_dir, rundir.VALIDATE_LOCK, "started over")
 
 
 def checked(args, optimizers, given):
@@ -418,7 +429,7 @@ def main_torchrun(args, make_step, optimizers, given):
     init_distributed()
     rank, size = world()
     try:
-        with ExitStack() as lock:
+        with ExitStack() as lock, ExitStack() as starting:
             refusal, verdict = None, None
             if rank == 0:
                 try:
@@ -428,6 +439,7 @@ def main_torchrun(args, make_step, optimizers, given):
                     run_dir = os.path.join(args.save_dir, args.uid)
                     lock.enter_context(rundir.locked(run_dir, rundir.TRAIN_LOCK, "trained"))
                     verdict = check_run_dir(args, dict(given))
+                    starting.enter_context(start_lock(verdict, run_dir))
                 except UserError as e:
                     refusal, verdict = e, str(e)
             verdict = broadcast_from_rank_zero(verdict)
@@ -440,7 +452,7 @@ def main_torchrun(args, make_step, optimizers, given):
             step, note = build_step(args, make_step, device, distributed=True)
             run_dir = os.path.join(args.save_dir, args.uid)
             with attempt(args, run_dir):
-                return train(args, step, device, run_dir, note)
+                return train(args, step, device, run_dir, note, started=starting.close)
     finally:
         end_distributed()
 
@@ -505,8 +517,9 @@ def resume_data_order(generator, saved, seed):
                 f"on here: later epochs are shuffled from seed {seed}, not as an uninterrupted run's")
 
 
-def train(args, step, device, run_dir, note=None):
-    """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log."""
+def train(args, step, device, run_dir, note=None, started=lambda: None):
+    """Train the run in run_dir with `step`; `note` (build_step's) goes to stdout and the run's log;
+    `started()` is called once the run directory is ready to be validated (see start_lock)."""
     set_seed(args.seed)
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size, args.SOTA)
     check_same_data(args, validate_NC.data_key(data))
@@ -531,8 +544,9 @@ def train(args, step, device, run_dir, note=None):
 
     start, changed, order_note = 0, [], None
     if args.resume:
-        if writer:
-            rundir.clear(run_dir, rundir.STALE)
+        if writer:  # what a killed process left: training's own temporaries, and any of the results
+            rundir.clear_stale_training(run_dir)
+            rundir.clear_stale_results(run_dir)
         # A new --epochs, --data_dir, ... is recorded, so that a later plain --resume goes on with it;
         # a run that was moved or renamed is left as it is.
         where = ("save_dir", "uid")
@@ -554,8 +568,9 @@ def train(args, step, device, run_dir, note=None):
         if writer:
             rundir.truncate_metrics(run_dir, start)  # the epochs after it are trained again
     elif writer:
-        rundir.clear(run_dir)
+        rundir.start_over(run_dir)
         rundir.write_args(run_dir, recorded(args))
+    started()
     log = Log(os.path.join(run_dir, rundir.TRAIN_LOG)) if writer else (lambda line: None)
     log(f"{'resumed after epoch ' + str(start) if args.resume else 'started'} on {device}"
         + (f" with {', '.join(changed)}" if changed else "")
@@ -572,6 +587,15 @@ def train(args, step, device, run_dir, note=None):
     if args.nc_every:  # measured exactly as validate_NC.py measures, with its batch size
         measurement = validate_NC.Measurement(run_dir, args, data, model, device, channels_last, VALIDATION_BATCH)
         results = measurement.stored_results(max_epoch=start)
+        # info.pkl keeps these when it is rewritten (validate_NC.write_info); a validation measures again
+        # those that have checkpoints
+        only_in_info = [e for e in sorted(rundir.validated_epochs(run_dir) - set(results))
+                        if not rundir.stored_results(run_dir, e)]
+        if only_in_info:
+            line = (f"note: {rundir.INFO} holds {validate_NC.epochs_text(only_in_info)} without a result in "
+                    f"{rundir.RESULTS}/ (removed?): it keeps them as they are")
+            log(line)
+            say(line)
 
     t0, stats, hint = time.time(), None, divergence_hint(args)
     epochs = tqdm(range(start + 1, args.epochs + 1), desc="training", initial=start, total=args.epochs,

@@ -10,7 +10,8 @@ NC1, tr(Sigma_W)/tr(Sigma_B) and the NCC agreement at every layer (layer_taps), 
 The model and data flags are read from the run's args.json; flags given here must agree with them.
 Each checkpoint's results are kept in <run>/nc_results/ as they are computed, keyed to everything
 they depend on (the checkpoint file, the data, the metric code's version), so a rerun (after a
-crash, or while the run is still training) only evaluates what is new or changed.
+crash, or while the run is still training) only evaluates what is new or changed. info.pkl is
+rebuilt from them, and keeps what it held of epochs that can be neither reused nor measured again.
 """
 import argparse
 import hashlib
@@ -31,7 +32,7 @@ import nc
 import rundir
 from models.fold import fold_batchnorm
 from models.resnet import ResNet
-from args import MODEL_FLAGS, explicit_args, validate_parser
+from args import MODEL_FLAGS, explicit_args, train_parser, validate_parser
 from utils import (Captured, UserError, all_finite, broadcast_from_rank_zero, end_distributed, fp32_convolutions,
                    get_device, init_distributed, is_rank_zero, on_side_stream, rank_device, run_main, torchrun_env,
                    world)
@@ -131,7 +132,8 @@ def run_arguments(cli, given):
     if clash:
         raise UserError(f"{', '.join(clash)}: the checkpoints in {cli.load_path} were trained otherwise; "
                         "drop these flags (they are read from the run)")
-    merged = dict(recorded)
+    # options newer than the run take their defaults (args.RECORD_REQUIRED are there: read_args checked)
+    merged = {**vars(train_parser().parse_args([])), **recorded}
     merged.update({k: getattr(cli, k) for k in ("batch_size", "gpu_id", "device", "loader", "num_workers")})
     if "data_dir" in given:
         merged["data_dir"] = cli.data_dir
@@ -171,8 +173,7 @@ class Measurement:
 
     def stored_paper(self, epoch):
         """The stored result of an epoch measured without --measures and --layers, or None."""
-        key = {k: v for k, v in self.key_of(epoch).items() if k not in ("measures", "layers")}
-        return rundir.read_result(self.run_dir, epoch, key)
+        return self._read(epoch, {k: v for k, v in self.key_of(epoch).items() if k not in ("measures", "layers")})
 
     def key_of(self, epoch):
         path = rundir.checkpoint_path(self.run_dir, epoch)
@@ -180,7 +181,13 @@ class Measurement:
 
     def stored(self, epoch):
         """The stored result of an epoch under this measurement's key, or None."""
-        return rundir.read_result(self.run_dir, epoch, self.key_of(epoch))
+        return self._read(epoch, self.key_of(epoch))
+
+    def _read(self, epoch, key):
+        if key["checkpoint"] is not None:
+            return rundir.read_result(self.run_dir, epoch, key)
+        # No checkpoint now (not kept, or removed since it was measured): its result stands for it
+        return rundir.read_result(self.run_dir, epoch, key, ignoring="checkpoint")
 
     def stored_results(self, max_epoch=None):
         """{epoch: result} of every epoch up to max_epoch with a stored result under this key."""
@@ -420,15 +427,27 @@ def main_one(argv=None):
     if not rundir.list_checkpoints(run_dir, cli.epochs) and not rundir.result_epochs(run_dir):
         raise UserError(f"no checkpoints named epoch_NNN.pth in {run_dir}; train first, or check --load_path")
     measures = parse_measures(cli.measures)
+    recorded = rundir.read_args(run_dir)
     args = run_arguments(cli, explicit_args(parser, argv))
     rundir.results_dir(run_dir)  # refuses a file in the way before any work
     distributed = torchrun_env() is not None
     if distributed and (measures or cli.layers is not None):
         raise UserError("--measures and --layers are measured by one process: run validate_NC.py without torchrun")
     device = rank_device(args.device) if distributed else get_device(args.gpu_id, args.device)
-    with rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated") if is_rank_zero() else nullcontext():
+    lock = rundir.locked(run_dir, rundir.VALIDATE_LOCK, "validated",
+                         fix="validation writes info.pkl and nc_results/ there: make it writable, or validate a copy "
+                             "of it (--load_path)")
+    with lock if is_rank_zero() else nullcontext():
+        if is_rank_zero() and network(rundir.read_args(run_dir)) != network(recorded):  # read before the lock
+            raise UserError(f"{run_dir} was started over with another model or data by another process as this "
+                            "validation began: run it again")
         return validate(args, run_dir, rundir.list_checkpoints(run_dir, cli.epochs), device, cli.epochs,
                         measures, cli.layers)
+
+
+def network(record):
+    """What validation takes from a run's record to build its model and data."""
+    return {k: (record or {}).get(k) for k in MODEL_FLAGS + ("sample_size",)}
 
 
 def validate(args, run_dir, checkpoints, device, max_epoch=None, measures=(), layers=None):
@@ -437,19 +456,21 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None, measures=(), la
     model, channels_last = models.build_on_device(args, data.num_classes, device)
     layers = () if layers is None else select_layers(model, layers)
     measurement = Measurement(run_dir, args, data, model, device, channels_last, args.batch_size, measures, layers)
+    in_range = (lambda e: True) if max_epoch is None else (lambda e: e <= max_epoch)
     # Epochs measured during training whose checkpoints were not kept: their results are all there is
     # (without the extra measures, if they were measured without them: those entries are None).
-    results, lost = {}, []
+    results, other, unreadable = {}, [], []
     for e in rundir.result_epochs(run_dir):
-        if (max_epoch is None or e <= max_epoch) and not os.path.exists(rundir.checkpoint_path(run_dir, e)):
+        if in_range(e) and not os.path.exists(rundir.checkpoint_path(run_dir, e)):
             r = measurement.stored(e) or measurement.stored_paper(e)
             if r is not None:
                 results[e] = r
             else:
-                lost.append(e)
-    if lost:
-        warnings.warn(f"{len(lost)} epochs (from {lost[0]}) were measured during training on other data or by "
-                      "other code, and their checkpoints were not kept: they cannot be measured here and are left out")
+                (unreadable if rundir.stored_results(run_dir, e) is None else other).append(e)
+    if other:
+        warnings.warn(f"{rundir.INFO} leaves out {epochs_text(other)}: measured during training on other data or by "
+                      "other code, without a kept checkpoint, so not measurable here (the results stay in "
+                      f"{rundir.RESULTS}/)")
     skipped, computed, t0 = [], 0, time.time()
     # Under torchrun, rank 0 decides what is reused (its writes must not change another rank's answer)
     reuse = broadcast_from_rank_zero({e: measurement.stored(e) for e, _ in checkpoints} if is_rank_zero() else None) \
@@ -463,40 +484,90 @@ def validate(args, run_dir, checkpoints, device, max_epoch=None, measures=(), la
                 result, reason = measurement.measure(epoch)
             if reason is not None:
                 warnings.warn(f"skipping {path}: {reason}")
-                skipped.append(path)
+                skipped.append(epoch)
                 continue
             computed += 1
         results[epoch] = result
-    if not results:
+    if not results:  # info.pkl stays as it is
         raise UserError(f"none of the {len(checkpoints)} checkpoints in {run_dir} could be evaluated; "
                         "were they written by this repository for this model?")
-
     if not is_rank_zero():
         return None
-    info = write_info(run_dir, results)
+
+    def keep(e):
+        """Whether an earlier info.pkl's entry of an epoch not in results stays: all do but those of
+        epochs without a checkpoint whose results nc_results/ holds under other keys (left out above)."""
+        return not in_range(e) or e not in other
+    info = write_info(run_dir, results, keep)
     epochs = info["epochs"]
-    print(f"validated {len(epochs)} epochs ({computed} computed, {len(epochs) - computed} reused, "
-          f"{len(skipped)} skipped) in {time.time() - t0:.1f} s; wrote {run_dir}/{rundir.INFO}")
-    print("last " + format_line(epochs[-1], results[epochs[-1]]))
+    kept = [e for e in epochs if e not in results and in_range(e)]
+    if kept:
+        unmeasurable = [e for e in kept if e in skipped]
+        damaged = [e for e in kept if e in unreadable]
+        gone = [e for e in kept if e not in skipped + unreadable
+                and not os.path.exists(rundir.checkpoint_path(run_dir, e))]
+        why = [(unmeasurable, "their checkpoints cannot be measured"),
+               (damaged, f"their files in {rundir.RESULTS}/ cannot be read, and their checkpoints are gone"),
+               (gone, f"neither their checkpoints nor their results in {rundir.RESULTS}/ are left")]
+        warnings.warn(f"{rundir.INFO} keeps its earlier results of "
+                      + "; ".join(f"{epochs_text(es)} ({reason})" for es, reason in why if es))
+    lost = [e for e in unreadable if e not in epochs]
+    if lost:
+        warnings.warn(f"{rundir.INFO} leaves out {epochs_text(lost)}: the files in {rundir.RESULTS}/ cannot be read, "
+                      "and the checkpoints are gone")
+    print(f"validated {len(results)} epochs ({computed} computed, {len(results) - computed} reused, "
+          f"{len(skipped)} skipped) in {time.time() - t0:.1f} s; wrote {run_dir}/{rundir.INFO}"
+          + (f" ({len(epochs)} epochs)" if len(epochs) != len(results) else ""))
+    print("last " + format_line(epochs[-1], {k: v[-1] for k, v in info.items() if k != "epochs"}))
     return info
 
 
-def write_info(run_dir, results):
-    """info.pkl and test_log.txt of results = {epoch: result}. The keys of --measures and --layers are
-    written when a result has them; an epoch measured without them gets None there."""
-    extra = [k for k in EXTRA_KEYS if any(k in r for r in results.values())]
-    lacking = sorted(e for e, r in results.items() if any(k not in r for k in extra))
-    if lacking:
-        warnings.warn(f"epochs {lacking} were measured without some of {', '.join(extra)} (their checkpoints "
-                      "are gone): None there in info.pkl")
-        results = {e: {**{k: None for k in extra}, **r} for e, r in results.items()}
-    return rundir.write_info(run_dir, results, INFO_KEYS + tuple(extra), format_line)
+def epochs_text(epochs):
+    """Epochs in words, as ranges: [1, 2, 3, 5] -> 'epochs 1-3, 5'; [4] -> 'epoch 4'."""
+    parts, epochs = [], sorted(epochs)
+    for i, e in enumerate(epochs):
+        if i and e == epochs[i - 1] + 1:
+            parts[-1][1] = e
+        else:
+            parts.append([e, e])
+    return ("epochs " if len(epochs) > 1 else "epoch ") + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def earlier_info(run_dir):
+    """{epoch: entry} of the info.pkl there now; {} (with a warning) when it cannot be read."""
+    try:
+        return rundir.info_entries(run_dir)
+    except OSError:  # the file system's refusal (a folder in the way, ...), said by run_main
+        raise
+    except Exception as e:
+        warnings.warn(f"{os.path.join(run_dir, rundir.INFO)} cannot be read ({' '.join(str(e).split())[:120]}): "
+                      "it is written anew from the results at hand")
+        return {}
+
+
+def write_info(run_dir, results, keep=lambda epoch: True):
+    """info.pkl and test_log.txt of results = {epoch: result}, and of the entries of the info.pkl there
+    now whose epochs are not in results and for which keep(epoch) holds: rebuilt, info.pkl never loses
+    a result that can be found nowhere else. The keys of --measures and --layers are written when a
+    result has them; an epoch measured without them gets None there. Returns the info dict."""
+    with rundir.results_locked(run_dir):  # read, merge and write in one turn
+        results = {**{e: r for e, r in earlier_info(run_dir).items() if e not in results and keep(e)}, **results}
+        extra = [k for k in EXTRA_KEYS if any(k in r for r in results.values())]
+        lacking = sorted(e for e, r in results.items() if any(k not in r for k in extra))
+        if lacking:
+            warnings.warn(f"{epochs_text(lacking)}: measured without some of {', '.join(extra)} (the checkpoints "
+                          "are gone), so None there in info.pkl")
+        keys = INFO_KEYS + tuple(extra)
+        results = {e: {**{k: None for k in keys}, **r} for e, r in results.items()}
+        return rundir.write_info(run_dir, results, keys, format_line)
 
 
 def format_line(epoch, r):
-    return (f"epoch {epoch}: NC1 {r['collapse_metric']:.4g} NC2 {r['ETF_metric']:.4g} "
-            f"NC3 {r['WH_relation_metric']:.4g} NC4 {r['Wh_b_relation_metric']:.4g} | "
-            f"train acc {r['train_acc1']:.2f} test acc {r['test_acc1']:.2f}")
+    def number(key, spec):  # an entry kept from an older info.pkl may lack a key
+        return "-" if r.get(key) is None else format(r[key], spec)
+    return (f"epoch {epoch}: NC1 {number('collapse_metric', '.4g')} NC2 {number('ETF_metric', '.4g')} "
+            f"NC3 {number('WH_relation_metric', '.4g')} NC4 {number('Wh_b_relation_metric', '.4g')} | "
+            f"train acc {number('train_acc1', '.2f')} test acc {number('test_acc1', '.2f')}")
 
 
 if __name__ == "__main__":

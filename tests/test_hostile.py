@@ -1,6 +1,7 @@
 """The audit of hostile use: concurrent processes, divergence, stale caches, resumes that drift, signals,
 and the inputs that used to end in a traceback. Each test reproduces one reported failure."""
 import contextlib
+import errno
 import inspect
 import io
 import json
@@ -20,12 +21,13 @@ import torch
 import experiments
 import fake_data
 import plot_runs
+import rundir
 import train_1st_order
 import training
 import utils
 import validate_NC
 from args import train_parser
-from conftest import REPO, TINY_RUN, load_pickle, refused
+from conftest import REPO, TINY_RUN, load_pickle, refused, same
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -167,8 +169,8 @@ class Scenario:
 
 
 def holder(lock):
-    """The pid written in a lock file (None without one)."""
-    return lock.read_text().strip() if lock.exists() else None
+    """The pid written in a lock file (None without one); the line after it says what the holder does."""
+    return lock.read_text().splitlines()[0] if lock.exists() else None
 
 
 def run_in_process(main, *args):
@@ -422,6 +424,27 @@ def test_resume_with_fewer_epochs_than_finished_is_refused_and_changes_nothing(r
     assert fake_data.snapshot_tree(run_copy) == before
 
 
+def test_resume_with_fewer_epochs_than_the_resume_state_holds_is_refused(tiny_argv, capsys, monkeypatch):
+    """--save_every 3, stopped after epoch 7 of 9: checkpoints 3 and 6, and last.pth of epoch 7."""
+    class Stop(Exception):
+        pass
+    real = training.train_one_epoch
+
+    def train_one_epoch(model, loader, step, optimizer, objective, epoch, *args, **kwargs):
+        if epoch == 8:
+            raise Stop
+        return real(model, loader, step, optimizer, objective, epoch, *args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    with pytest.raises(Stop):
+        train_1st_order.main(tiny_argv("seven", "--epochs", 9, "--save_every", 3))
+    run_dir = tiny_argv.save_dir / "seven"
+    assert checkpoint_epochs(run_dir) == [3, 6]
+    before = fake_data.snapshot_tree(run_dir)
+    message = refused(capsys, train_1st_order.main, tiny_argv("seven", "--save_every", 3, "--resume", "--epochs", 6))
+    assert "--epochs 6" in message and "finished 7 epochs" in message
+    assert fake_data.snapshot_tree(run_dir) == before
+
+
 def test_resume_after_the_data_moved_records_the_new_data_dir(tiny_argv, tmp_path):
     old, new = tmp_path / "data", tmp_path / "moved"
     fake_data.write_mnist(str(old))
@@ -527,26 +550,39 @@ def test_nc_results_being_a_file_is_refused(run_copy, capsys):
     assert fake_data.snapshot_tree(run_copy) == before
 
 
-BAD_ARGS = {"wrong_keys": '{"x": 1}', "a_list": "[1, 2]", "truncated": None}
+# how args.json is damaged: its whole text, None (cut in half), or {key: new value} (None: the key removed)
+BAD_ARGS = {"wrong_keys": '{"x": 1}', "a_list": "[1, 2]", "truncated": None, "width_a_string": {"width": "32"},
+            "epochs_a_string": {"epochs": "2"}, "no_width": {"width": None}, "no_lr": {"lr": None},
+            "SOTA_a_number": {"SOTA": 1}, "lr_not_finite": {"lr": float("nan")}}
 
 
 def damage_args(run_dir, how):
-    path = run_dir / "args.json"
+    """The key named in the damage (None for a damage of the whole file)."""
+    path, damage = run_dir / "args.json", BAD_ARGS[how]
     text = path.read_text()
-    path.write_text(text[: len(text) // 2] if BAD_ARGS[how] is None else BAD_ARGS[how])
+    if isinstance(damage, dict):
+        record = json.loads(text)
+        for key, value in damage.items():
+            record.pop(key) if value is None else record.update({key: value})
+        path.write_text(json.dumps(record))
+        return next(iter(damage))
+    path.write_text(text[: len(text) // 2] if damage is None else damage)
+    return None
 
 
 @pytest.mark.parametrize("how", sorted(BAD_ARGS))
 @pytest.mark.parametrize("script", ["validate", "resume"])
 def test_a_damaged_args_json_is_refused_in_one_line(run_copy, capsys, script, how):
-    damage_args(run_copy, how)
+    """A value of the wrong type or a missing key too: named, with the file and the fix, before use."""
+    key = damage_args(run_copy, how)
     before = fake_data.snapshot_tree(run_copy)
     if script == "validate":
         message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
     else:
         message = refused(capsys, train_1st_order.main,
                           TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
-    assert "args.json" in message
+    assert "args.json" in message and "--force" in message
+    assert key is None or key in message
     assert fake_data.snapshot_tree(run_copy) == before
 
 
@@ -645,3 +681,181 @@ def test_a_folder_where_a_result_file_goes_is_one_line(run_copy, capsys, blocked
     assert len(errors) == 1 and errors[0].startswith("error: ") and blocked in errors[0], err
     assert sorted(os.listdir(os.path.join(run_copy, "nc_results"))) == ["epoch_001.pkl", "epoch_002.pkl"]
     assert not [n for n in os.listdir(run_copy) if n.startswith(".tmp_")]
+
+
+# ---------------------------------------------------------------------------- 11. results never lost
+
+@pytest.fixture(scope="module")
+def in_run(tmp_path_factory):
+    """A tiny run of 3 epochs measured as it trained, keeping the checkpoint of epoch 3 alone."""
+    save_dir = tmp_path_factory.mktemp("in_run")
+    return train_1st_order.main(TINY_RUN + ["--save_dir", str(save_dir), "--uid", "in_run", "--epochs", "3",
+                                            "--nc_every", "1", "--save_every", "3"])
+
+
+@pytest.fixture
+def in_run_copy(in_run, tmp_path):
+    return shutil.copytree(in_run, tmp_path / "runs" / "in_run")  # (copytree keeps the checkpoint's mtime)
+
+
+def entries(info, epochs):
+    """info's entries of these epochs, as lists like info's."""
+    index = [info["epochs"].index(e) for e in epochs]
+    return {k: [v[i] for i in index] for k, v in info.items()}
+
+
+def one_warning(caught, needle):
+    lines = [str(w.message) for w in caught if needle in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0], [str(w.message) for w in caught]
+    return lines[0]
+
+
+def test_validation_keeps_what_info_pkl_holds_of_epochs_it_cannot_measure(in_run_copy, capsys):
+    """nc_results/ removed: the checkpoint of epoch 3 is measured again, and epochs 1-2, which have
+    neither a checkpoint nor a stored result any more, keep their entries, said in one line."""
+    before = load_pickle(in_run_copy / "info.pkl")
+    shutil.rmtree(in_run_copy / "nc_results")
+    with pytest.warns(UserWarning) as caught:
+        validate(in_run_copy)
+    after = load_pickle(in_run_copy / "info.pkl")
+    assert after["epochs"] == [1, 2, 3] and same(entries(after, [1, 2]), entries(before, [1, 2]))
+    assert "epochs 1-2" in one_warning(caught, "keeps its earlier results")
+    assert summary(capsys.readouterr().out) == ("1", "0", "0")
+
+
+def test_resume_keeps_what_info_pkl_holds_without_stored_results(in_run_copy, capsys):
+    before = load_pickle(in_run_copy / "info.pkl")
+    shutil.rmtree(in_run_copy / "nc_results")
+    train_1st_order.main(["--save_dir", str(in_run_copy.parent), "--uid", "in_run", "--resume", "--epochs", "5"])
+    after = load_pickle(in_run_copy / "info.pkl")
+    assert after["epochs"] == [1, 2, 3, 4, 5] and same(entries(after, [1, 2, 3]), before)
+    assert "info.pkl holds epochs 1-3 without a result in nc_results/" in capsys.readouterr().out
+
+
+def test_a_damaged_stored_result_is_named_as_the_cause(in_run_copy):
+    before = load_pickle(in_run_copy / "info.pkl")
+    with open(in_run_copy / "nc_results" / "epoch_001.pkl", "r+b") as f:
+        f.truncate(20)
+    with pytest.warns(UserWarning) as caught:
+        validate(in_run_copy)
+    assert same(load_pickle(in_run_copy / "info.pkl"), before)  # epoch 1 kept, 2 and 3 reused
+    assert "epoch 1 (their files in nc_results/ cannot be read" in one_warning(caught, "keeps its earlier")
+    os.remove(in_run_copy / "info.pkl")  # now nothing holds epoch 1
+    with pytest.warns(UserWarning) as caught:
+        validate(in_run_copy)
+    assert load_pickle(in_run_copy / "info.pkl")["epochs"] == [2, 3]
+    assert "epoch 1: the files in nc_results/ cannot be read" in one_warning(caught, "leaves out")
+    assert not [w for w in caught if "other data" in str(w.message)]
+
+
+def test_the_result_of_a_checkpoint_removed_after_it_was_measured_stands(run_copy, capsys):
+    validate(run_copy)
+    os.remove(run_copy / "epoch_001.pth")
+    capsys.readouterr()
+    assert validate(run_copy)["epochs"] == [1, 2]
+    assert summary(capsys.readouterr().out) == ("0", "2", "0")
+
+
+# ---------------------------------------------------------------------------- 12. one writer of a run at a time
+
+def without_locks(snapshot):
+    files, dirs = snapshot
+    return {k: v for k, v in files.items() if not k.endswith(".lock")}, dirs
+
+
+def test_a_start_over_is_refused_while_the_run_is_validated(run_copy, capsys):
+    """validate_NC.py holds the validation lock while it runs: a --force restart (here of another
+    model) must not replace the run under it, which would end with the new run's args.json and
+    checkpoints beside the old run's info.pkl."""
+    validate(run_copy)
+    before = without_locks(fake_data.snapshot_tree(run_copy))
+    with rundir.locked(str(run_copy), rundir.VALIDATE_LOCK, "validated"):
+        message = refused(capsys, train_1st_order.main,
+                          TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--force", "--width", "16"])
+    assert f"being validated by another process (pid {os.getpid()})" in message
+    assert without_locks(fake_data.snapshot_tree(run_copy)) == before
+
+
+def test_a_start_over_between_reading_the_run_and_locking_it_is_refused(run_copy, capsys, monkeypatch):
+    """Validation reads args.json before it holds its lock: a --force restart (another width) in
+    between is found once the lock is held, and nothing is measured with the old model's flags."""
+    real = validate_NC.run_arguments
+
+    def run_arguments(cli, given):
+        merged = real(cli, given)
+        record = json.loads((run_copy / "args.json").read_text())
+        (run_copy / "args.json").write_text(json.dumps({**record, "width": 16}))
+        return merged
+    monkeypatch.setattr(validate_NC, "run_arguments", run_arguments)
+    message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    assert "started over" in message and not (run_copy / "info.pkl").exists()
+
+
+def test_a_run_started_over_inherits_no_result_and_may_be_validated_as_it_trains(run_copy, monkeypatch):
+    validate(run_copy)  # the old run's info.pkl, of epochs 1-2
+    real, seen = training.train_one_epoch, {}
+
+    def train_one_epoch(model, loader, step, optimizer, objective, epoch, *args, **kwargs):
+        if epoch == 2:  # the start over is done: validation's lock is free again
+            seen["while_training"] = validate(run_copy)["epochs"]
+        return real(model, loader, step, optimizer, objective, epoch, *args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    train_1st_order.main(TINY_RUN + ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--force", "--width", "16"])
+    assert seen["while_training"] == [1]
+    info = validate(run_copy)
+    assert info["epochs"] == [1, 2] and all(W.shape == (10, 16) for W in info["W"])
+
+
+def test_a_validation_and_a_training_that_measures_keep_each_others_results(tiny_argv, monkeypatch):
+    """Training measures epochs 2 and 3 (--nc_every 2, and the last); a validation during epoch 3
+    measures the checkpoints of epochs 1 and 2. Training's next rewrite of info.pkl keeps the
+    validation's epoch 1."""
+    real, seen = training.train_one_epoch, {}
+
+    def train_one_epoch(model, loader, step, optimizer, objective, epoch, *args, **kwargs):
+        if epoch == 3:
+            seen["validated"] = validate(tiny_argv.save_dir / "turns")["epochs"]
+        return real(model, loader, step, optimizer, objective, epoch, *args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    run_dir = train_1st_order.main(tiny_argv("turns", "--epochs", 3, "--nc_every", 2))
+    assert seen["validated"] == [1, 2]
+    assert load_pickle(os.path.join(run_dir, "info.pkl"))["epochs"] == [1, 2, 3]
+
+
+def test_a_read_only_run_is_named_with_load_path(run_copy, capsys, monkeypatch):
+    """A PermissionError stands for a folder without write permission (as root, chmod stops no write)."""
+    real = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).endswith(rundir.VALIDATE_LOCK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(rundir.os, "open", refusing)
+    message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    assert str(run_copy) in message and "--load_path" in message and "--save_dir" not in message
+
+
+@pytest.mark.parametrize("lock", [rundir.TRAIN_LOCK, rundir.VALIDATE_LOCK])
+def test_a_folder_where_a_lock_goes_is_named(run_copy, capsys, lock):
+    if (run_copy / lock).exists():
+        os.remove(run_copy / lock)
+    (run_copy / lock).mkdir()
+    if lock == rundir.VALIDATE_LOCK:
+        message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
+    else:
+        message = refused(capsys, train_1st_order.main, ["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
+    assert str(run_copy / lock) in message and "folder" in message
+
+
+def test_temporaries_of_killed_writes_are_removed_by_the_next_writer_of_their_kind(run_copy):
+    """What utils.atomic_write leaves when its process is killed before the rename. Validation removes
+    those of the results only (a training may be writing its own at this moment); --resume its own."""
+    (run_copy / "nc_results").mkdir()
+    results = ["nc_results/.tmp_epoch_001.pkl.x1", ".tmp_info.pkl.x2", ".tmp_test_log.txt.x3"]
+    training_files = [".tmp_last.pth.x4", ".tmp_epoch_003.pth.x5", ".tmp_args.json.x6"]
+    for name in results + training_files:
+        (run_copy / name).write_bytes(b"half")
+    validate(run_copy)
+    assert [n for n in results + training_files if (run_copy / n).exists()] == training_files
+    train_1st_order.main(["--save_dir", str(run_copy.parent), "--uid", "tiny", "--resume"])
+    assert not [n for n in training_files if (run_copy / n).exists()]

@@ -70,10 +70,22 @@ def test_a_run_has_one_owner_at_a_time(tmp_path):
         pass
 
 
+def test_a_refusal_names_what_the_holder_does(tmp_path):
+    run = str(tmp_path / "run")
+    with rundir.locked(run, rundir.VALIDATE_LOCK, "started over"):  # as a --force restart holds it
+        with pytest.raises(UserError, match=f"being started over by another process \\(pid {os.getpid()}\\)"):
+            with rundir.locked(run, rundir.VALIDATE_LOCK, "validated"):
+                pass
+
+
 def test_a_refused_start_leaves_no_folder_behind(tmp_path):
     run = tmp_path / "new" / "deeper" / "run"
     with pytest.raises(UserError):
         with rundir.locked(str(run)):
+            raise UserError("refused")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError):  # a start over holds validation's lock too
+        with rundir.locked(str(run)), rundir.locked(str(run), rundir.VALIDATE_LOCK, "started over"):
             raise UserError("refused")
     assert not (tmp_path / "new").exists()
     os.makedirs(run)
@@ -111,3 +123,17 @@ def test_a_former_metrics_file_is_read_with_the_loop_accuracies_named(tmp_path):
     rundir.truncate_metrics(run, 1)
     with open(os.path.join(run, rundir.METRICS)) as f:
         assert [json.loads(line) for line in f] == [renamed]
+
+
+def test_each_writer_removes_only_the_temporaries_of_its_kind(tmp_path):
+    """A killed write leaves .tmp_<file>.<random>. Training (holding its lock) removes those of its own
+    files; those of the results, which a validation may be writing now, go when the results' lock is taken."""
+    run = tmp_path / "run"
+    results = [".tmp_info.pkl.a", ".tmp_test_log.txt.b", "nc_results/.tmp_epoch_002.pkl.c"]
+    training = [".tmp_last.pth.d", ".tmp_epoch_002.pth.e", ".tmp_args.json.f", ".tmp_metrics.jsonl.g"]
+    for name in results + training:
+        touch(str(run / name))
+    rundir.clear_stale_training(str(run))
+    assert [n for n in results + training if (run / n).exists()] == results
+    with rundir.results_locked(str(run)):
+        assert not [n for n in results if (run / n).exists()]
