@@ -11,9 +11,11 @@ import os
 import numpy as np
 
 from datasets import DATASETS
-from losses import LOSSES
+from nclib import nc
+from nclib.losses import LOSSES
 from models import MODELS
-from optimizers import FIRST_ORDER, SECOND_ORDER
+from nclib.optimizers import FIRST_ORDER, SECOND_ORDER
+
 LOADERS = ("auto", "device", "torch")
 AMP = ("none", "bf16")
 
@@ -166,6 +168,7 @@ def train_parser(default_optimizer="SGD", description=None):
     g.add_argument("--nc_every", type=nonnegative_int, default=1,
                    help="measure NC (everything validate_NC.py records) after every N-th epoch and after the "
                         "last, into info.pkl as training goes; 0: never (validate the checkpoints afterwards)")
+    add_measures_arg(g, "measured in-run (--nc_every) into info.pkl beside the paper's quantities")
     g.add_argument("--save_every", type=positive_int, default=1,
                    help="keep the checkpoint epoch_NNN.pth of every N-th epoch (and of the last; last.pth is "
                         "always kept); with --nc_every, thinning loses no curve")
@@ -201,14 +204,18 @@ def validate_parser():
     add_model_args(p)
     add_data_args(p, batch_size=VALIDATION_BATCH)
     g = p.add_argument_group("what is measured")
-    g.add_argument("--measures", nargs="+", default=["paper"], metavar="MEASURE",
-                   help="paper (the paper's quantities only), all, or names among trace_ratio, cdnv, "
-                        "within_class_var, equinorm, equiangular, max_angle, self_duality, ncc (nc.MEASURES), "
-                        "added to info.pkl")
+    add_measures_arg(g, "added to info.pkl")
     g.add_argument("--layers", nargs="*", default=None, metavar="LAYER",
                    help="also NC1, tr(Sigma_W)/tr(Sigma_B) and the NCC agreement at each layer (or the layers "
                         "named: hidden1 .. and h of the MLP, layer1 .. layer4 and h of the ResNets)")
     return p
+
+
+def add_measures_arg(group, where):
+    """--measures: the NC measures of nclib.nc.MEASURES to record besides the paper's, `where`."""
+    group.add_argument("--measures", nargs="+", default=["paper"], metavar="MEASURE",
+                       help=f"paper (the paper's quantities only), all, or names among {', '.join(nc.MEASURES)} "
+                            f"(nclib.nc.MEASURES), {where}")
 
 
 def explicit_args(parser, argv):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import UserError, atomic_write, save_pickle
+from nclib.base import UserError, atomic_write, save_pickle
 
 MNIST_STATS = ((0.1307,) * 3, (0.3081,) * 3)
 MNIST_CLASSES = 10

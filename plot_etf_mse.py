@@ -5,14 +5,14 @@
 
 The runs are trained and validated by the commands of `python experiments.py --figure etf`.
 """
-import plot_utils
-from utils import run_main
+from nclib import plotting
+from nclib.cli import run_main
 
-FIGURE = "etf"  # its runs are runs.FIGURES["etf"]
+FIGURE = "etf"  # its runs are nclib.runs.FIGURES["etf"]
 
 
 def main(argv=None):
-    return plot_utils.figure_main(__file__, FIGURE, __doc__.split("\n\n")[0], argv)
+    return plotting.figure_main(__file__, FIGURE, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,14 @@
 
 The runs are trained and validated by the commands of `python experiments.py --figure k`.
 """
-import plot_utils
-from utils import run_main
+from nclib import plotting
+from nclib.cli import run_main
 
-FIGURE = "k"  # its runs are runs.FIGURES["k"]
+FIGURE = "k"  # its runs are nclib.runs.FIGURES["k"]
 
 
 def main(argv=None):
-    return plot_utils.figure_main(__file__, FIGURE, __doc__.split("\n\n")[0], argv)
+    return plotting.figure_main(__file__, FIGURE, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import ufm  # noqa: E402
+from nclib import ufm  # noqa: E402
 from args import Parser, nonnegative_float, path, positive_float, positive_int  # noqa: E402
 from models import simplex_etf  # noqa: E402
-from utils import UserError, run_main  # noqa: E402
+from nclib.base import UserError  # noqa: E402
+from nclib.cli import run_main  # noqa: E402
 
 PANELS = ("CrossEntropy", "MSE", "RescaledMSE")
 LOG_FLOOR = 1e-12  # added before log10: an exact zero of the loss stays drawable

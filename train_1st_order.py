@@ -2,18 +2,11 @@
 
     python train_1st_order.py --uid <run name> --dataset cifar10 --optimizer SGD --lr 0.05
 """
-import training
 from args import train_parser
-from optimizers import FIRST_ORDER
-from utils import run_main
-
-
-def first_order_step(optimizer, objective, x, y):
-    loss, logits = objective(x, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()  # weight decay is the optimiser's (none with --sep_decay: the loss holds it)
-    return loss.detach(), logits.detach()
+from nclib import training
+from nclib.cli import run_main
+from nclib.optimizers import FIRST_ORDER
+from nclib.steps import first_order_step
 
 
 def main(argv=None):

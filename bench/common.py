@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
-from utils import UserError  # noqa: E402
+from nclib.base import UserError  # noqa: E402
 
 ROUNDS = 3  # the scripts' default --rounds: the fewest that give a median beside a min and a max
 

@@ -30,9 +30,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rundir  # noqa: E402
+from nclib import rundir  # noqa: E402
 import train_1st_order  # noqa: E402
-from utils import run_main  # noqa: E402
+from nclib.cli import run_main  # noqa: E402
 
 QUANTITIES = ("loss", "NC1", "NC2", "NC3", "NC4")
 SPREAD_FACTOR = 3.0  # one eager pair is one draw of the noise; allow the graph's draw to be this much larger

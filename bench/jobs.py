@@ -24,8 +24,9 @@ sys.path.insert(0, HERE)
 import train as train_bench  # noqa: E402  (bench/train.py: the data and the pipeline)
 sys.path.insert(0, os.path.dirname(HERE))
 import datasets  # noqa: E402
-import training  # noqa: E402
-from utils import make_criterion, make_optimizer  # noqa: E402
+from nclib import steps, training  # noqa: E402
+from nclib.losses import make_criterion  # noqa: E402
+from nclib.optimizers import make_optimizer  # noqa: E402
 
 
 def child(args):
@@ -38,7 +39,7 @@ def child(args):
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = make_optimizer(margs, model)
-    objective = training.make_objective(margs, model, make_criterion(margs, train_bench.num_classes(args)))
+    objective = steps.make_objective(margs, model, make_criterion(margs, train_bench.num_classes(args)))
     loader = datasets.DeviceLoader(images, labels, args.batch_size, mean, std, device, shuffle=True, augment=augment,
                                    generator=torch.Generator(device).manual_seed(0), channels_last=channels_last)
     step = train_bench.our_step(margs, device)  # as the training scripts step: CUDA graphs by default on a GPU

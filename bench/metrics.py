@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import nc  # noqa: E402
+from nclib import nc  # noqa: E402
 
 SAME = 1e-9  # relative agreement required of the two implementations
 

@@ -13,7 +13,7 @@
 --optimizer LBFGS (history 10, strong-Wolfe line search, lr 0.1, as the paper's LBFGS runs) times
 the authors' closure (forward, MSE against one-hot targets plus 0.5 * wd * ||p||^2 per parameter,
 zero_grad, backward) with `optimizer.step(closure)`, `loss.item()` and the eval-mode forward pass
-per step, against train_2nd_order.make_lbfgs_step in training.train_one_epoch. Each side's pass is
+per step, against nclib.steps.make_lbfgs_step in training.train_one_epoch. Each side's pass is
 then split into its closure evaluations (their number per pass times one evaluation, timed on its
 own) and the rest: torch.optim.LBFGS's own vector work (the same on both sides), plus, for the
 authors, the DataLoader and the second forward pass. The evaluations and LBFGS's work are the
@@ -27,7 +27,7 @@ Each pipeline runs one warm-up pass, then --rounds timed passes over the same im
 images/s is reported as the median over rounds with its spread, and the last line is
 `ratio: <median over rounds of (b) / (a)>` in images/s.
 
-With --nc_every N, (b)'s model is then measured as training measures it (validate_NC.evaluate over
+With --nc_every N, (b)'s model is then measured as training measures it (nclib.measure.evaluate over
 the training images without augmentation and a test set a fifth of their number, as CIFAR-10's,
 at validation's batch size), --rounds times after a warm-up, and the last line is
 `nc_overhead: <median NC pass / N median training epochs>`, the share of an epoch's time that
@@ -49,12 +49,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 import datasets  # noqa: E402
 from args import add_model_args, positive_int  # noqa: E402
 import models  # noqa: E402
-import training  # noqa: E402
-import validate_NC  # noqa: E402
 from args import VALIDATION_BATCH  # noqa: E402
-from train_1st_order import first_order_step  # noqa: E402
-from train_2nd_order import make_lbfgs_step  # noqa: E402
-from utils import make_criterion, make_optimizer, run_main  # noqa: E402
+from nclib import training  # noqa: E402
+from nclib.measure import evaluate as measure_model  # noqa: E402
+from nclib.cli import run_main  # noqa: E402
+from nclib.losses import make_criterion  # noqa: E402
+from nclib.optimizers import make_optimizer  # noqa: E402
+from nclib.steps import build_step, first_order_step, make_lbfgs_step, make_objective  # noqa: E402
 
 SGD_LR = 0.05  # the paper's SGD runs
 LBFGS_LR, LBFGS_HISTORY = 0.1, 10  # the paper's LBFGS run
@@ -204,7 +205,7 @@ def evaluation_seconds(evaluate, device, repeats=10):
 def our_step(margs, device):
     """The step training.main builds for these options (on a GPU a CUDA graph unless --no_cuda_graph)."""
     make_step = make_lbfgs_step if margs.optimizer == "LBFGS" else (lambda a: first_order_step)
-    step, note = training.build_step(margs, make_step, device)
+    step, note = build_step(margs, make_step, device)
     if note:
         print(note)
     return step
@@ -253,7 +254,7 @@ def main(argv=None):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(margs, model)
-    objective = training.make_objective(margs, model, make_criterion(margs, K))
+    objective = make_objective(margs, model, make_criterion(margs, K))
     fast = datasets.DeviceLoader(images, labels, args.batch_size, mean, std, device, shuffle=True, augment=augment,
                                  generator=torch.Generator(device).manual_seed(0), channels_last=channels_last)
     step = our_step(margs, device)
@@ -284,7 +285,7 @@ def main(argv=None):
         train_eval = datasets.DeviceLoader(images, labels, **kw)
         test = datasets.DeviceLoader(images[::5], labels[::5], **kw)
         n_test = test.num_samples
-        measure = lambda: validate_NC.evaluate(model, train_eval, test, model.fc.out_features)
+        measure = lambda: measure_model(model, train_eval, test, model.fc.out_features)
         t_nc = interleaved({"nc": measure}, args.rounds, device)[0]["nc"]
         t_b = median(seconds["b"])
         print(f"NC pass: {spread(t_nc)} s over {n} + {n_test} images; a training epoch: {t_b:.3g} s (medians)")

@@ -4,7 +4,7 @@ The reference is written as the authors' validate_NC.py works: a DataLoader of p
 transforms feeds the forward pass; then a Python loop over samples with `.item()` per sample,
 features and outputs collected in per-class lists of host arrays, Sigma_W as a sum of per-sample
 outer products formed in batches of 1,024, scipy's pinv in float32, per-class margins and numpy
-nuclear norms. Ours is validate_NC.py's own code. Both give the same NC1-NC4 (to 1e-3 relative:
+nuclear norms. Ours is validate_NC.py's own code (nclib.measure). Both give the same NC1-NC4 (to 1e-3 relative:
 the reference keeps float32 arithmetic; exactness against float64 is the tests' job); end to end
 on a GPU NC1 to 1e-2, as the reference convolves in PyTorch's default TF32 and ours in float32.
 
@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import datasets  # noqa: E402
 import models  # noqa: E402
 from args import add_model_args, positive_int  # noqa: E402
-from validate_NC import EvalForward, TrainingSetMetrics, last_layer, parse_measures, select_layers, training_set_metrics  # noqa: E402
+from nclib.measure import EvalForward, TrainingSetMetrics, last_layer, parse_measures, select_layers, training_set_metrics  # noqa: E402
 
 
 def get_args(argv=None):

@@ -4,7 +4,7 @@ import torch
 from models.etf import simplex_etf
 from models.mlp import MLP
 from models.resnet import ResNet18_adapt, resnet18, resnet34, resnet50
-from utils import UserError
+from nclib.base import UserError
 
 __all__ = ["MLP", "ResNet18_adapt", "resnet18", "resnet34", "resnet50", "simplex_etf", "build_model", "build_on_device",
            "feature_dim"]

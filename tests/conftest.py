@@ -15,7 +15,8 @@ for path in (REPO, TESTS):
         sys.path.insert(0, path)
 
 import fake_data  # noqa: E402
-import utils  # noqa: E402
+from nclib import cli
+from nclib import steps
 
 # The smallest training run that exercises a whole script: an MLP of width 32 on 10 images per class.
 # NC is measured after training (validate_NC.py) unless a test asks for it in-run (--nc_every).
@@ -76,7 +77,7 @@ def fake_mini_imagenet(tmp_path_factory):
 
 # ---------------------------------------------------------------------------- helpers the test modules share
 
-class Rerun(utils.Captured):
+class Rerun(steps.Captured):
     """A stand-in for a CUDA graph on the CPU: each replay runs the captured function again on the
     static inputs and copies its outputs into the same tensors, as a replay overwrites them."""
 
@@ -100,28 +101,26 @@ def rerun_graphs(monkeypatch):
     """The graphed training steps and validation's graphed forward pass on the CPU: no side stream,
     graphs replaced by Rerun. Returns the list of the Reruns made, in order."""
     import contextlib
-    import training
-    import validate_NC
+    from nclib import measure
     made = []
 
     def rerun(fn, inputs):
         made.append(Rerun(fn, inputs))
         return made[-1]
-    for module in (training, validate_NC):
+    for module in (steps, measure):
         monkeypatch.setattr(module, "Captured", rerun)
         monkeypatch.setattr(module, "on_side_stream", lambda fn, *a: fn(*a))
-    monkeypatch.setattr(training, "make_capturable", lambda optimizer: None)  # CPU Adam has no capturable path
+    monkeypatch.setattr(steps, "make_capturable", lambda optimizer: None)  # CPU Adam has no capturable path
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return made
 
 
 def refused(capsys, main, *args):
-    """Run main(*args) as its script does (utils.run_main); the one line it printed. Fails unless the
+    """Run main(*args) as its script does (cli.run_main); the one line it printed. Fails unless the
     exit status is 2 (bad input) and stderr is a single `error: ...` line."""
-    import utils
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        utils.run_main(main, *args)
+        cli.run_main(main, *args)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert e.value.code == 2, err

@@ -7,7 +7,7 @@ nothing in the product that knows about it.
 
 FAULT is one of
     before_rename@N   right before the N-th file of this process is renamed into place
-                      (the os.replace of a .tmp_ file by utils.atomic_write); N defaults to 1
+                      (the os.replace of a .tmp_ file by base.atomic_write); N defaults to 1
     batch:E:B         right before the B-th batch (1-based) of epoch E is trained
 """
 import os
@@ -41,7 +41,7 @@ def kill_before_rename(n):
 
 
 def kill_before_batch(epoch, batch):
-    import training
+    from nclib import training
     real = training.train_one_epoch
 
     def train_one_epoch(model, loader, step, optimizer, objective, e, *args, **kwargs):

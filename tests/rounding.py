@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import nc
+from nclib import nc
 
 U32, U64 = 2.0 ** -24, 2.0 ** -53  # unit roundoffs
 LAMBDA = 8.0  # standard deviations of the Hoeffding bound; see the module docstring

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from utils import UserError
+from nclib.base import UserError
 
 pytestmark = pytest.mark.slow  # benchmarks; see pytest.ini
 

@@ -1,4 +1,4 @@
-"""CUDA graphs: where they are used (training.build_step), that the graphed steps' host logic gives
+"""CUDA graphs: where they are used (steps.build_step), that the graphed steps' host logic gives
 the eager numbers (on the CPU, with the graph replaced by a re-run of the captured function), and on
 a GPU that the real graphs give the eager numbers."""
 import json
@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import models
-import optimizers
+from nclib import optimizers
 import train_1st_order
 import train_2nd_order
-import training
+from nclib import training
 import utils
 from args import train_parser
 from conftest import REPO, refused
-from losses import lbfgs_penalty
+from nclib.losses import lbfgs_penalty
+from nclib import steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,14 +37,14 @@ def setup(flags, device="cpu", model="MLP"):
     args = train_parser(flags[1]).parse_args(["--model", model, "--width", "16", "--depth", "1", *flags])
     net = models.build_model(args, K).to(device)
     optimizer = optimizers.make_optimizer(args, net)
-    objective = training.make_objective(args, net, utils.make_criterion(args, K))
+    objective = steps.make_objective(args, net, utils.make_criterion(args, K))
     batches = [(torch.randn(n, 3, 32, 32, device=device), torch.arange(n, device=device) % K)
                for n in (12, 12, 12, 5, 12, 12)]
     return args, net, optimizer, objective, batches
 
 
 def make_step(args):
-    return train_2nd_order.make_lbfgs_step(args) if args.optimizer == "LBFGS" else train_1st_order.first_order_step
+    return steps.make_lbfgs_step(args) if args.optimizer == "LBFGS" else steps.first_order_step
 
 
 def trained(flags, graphed, device="cpu", lr_change_at=4, model="MLP"):
@@ -63,7 +64,7 @@ def trained(flags, graphed, device="cpu", lr_change_at=4, model="MLP"):
 
 
 def graphed(step):
-    return step.graphed() if hasattr(step, "graphed") else training.CUDAGraphStep(step)
+    return step.graphed() if hasattr(step, "graphed") else steps.CUDAGraphStep(step)
 
 
 # ---------------------------------------------------------------------------- where graphs are used
@@ -76,28 +77,28 @@ def parsed(*flags, default="SGD"):
 def test_auto_on_the_cpu_is_eager_without_a_note(default):
     args = parsed(default=default)
     assert args.cuda_graph is None
-    step, note = training.build_step(args, make_step, torch.device("cpu"))
-    assert note is None and not isinstance(step, training.CUDAGraphStep)
+    step, note = steps.build_step(args, make_step, torch.device("cpu"))
+    assert note is None and not isinstance(step, steps.CUDAGraphStep)
 
 
 def test_auto_on_a_cuda_device_graphs_each_kind_of_step():
     cuda = torch.device("cuda")  # only looked at, never used: no GPU needed
-    step, note = training.build_step(parsed(), make_step, cuda)
-    assert note is None and type(step) is training.CUDAGraphStep and step.step is train_1st_order.first_order_step
-    step, note = training.build_step(parsed(default="LBFGS"), make_step, cuda)
-    assert note is None and isinstance(step, train_2nd_order.LBFGSGraphStep)
-    assert isinstance(step.step, train_2nd_order.LBFGSStep)
+    step, note = steps.build_step(parsed(), make_step, cuda)
+    assert note is None and type(step) is steps.CUDAGraphStep and step.step is steps.first_order_step
+    step, note = steps.build_step(parsed(default="LBFGS"), make_step, cuda)
+    assert note is None and isinstance(step, steps.LBFGSGraphStep)
+    assert isinstance(step.step, steps.LBFGSStep)
     for default in ("SGD", "LBFGS"):
-        step, note = training.build_step(parsed("--no_cuda_graph", default=default), make_step, cuda)
-        assert note is None and not isinstance(step, training.CUDAGraphStep)
+        step, note = steps.build_step(parsed("--no_cuda_graph", default=default), make_step, cuda)
+        assert note is None and not isinstance(step, steps.CUDAGraphStep)
 
 
 def test_auto_under_torchrun_is_eager_with_a_note_naming_why():
-    step, note = training.build_step(parsed(), make_step, torch.device("cuda"), distributed=True)
-    assert step is train_1st_order.first_order_step
+    step, note = steps.build_step(parsed(), make_step, torch.device("cuda"), distributed=True)
+    assert step is steps.first_order_step
     assert "\n" not in note and "torchrun" in note and "all-reduce" in note
     # on the CPU there are no graphs to miss: nothing to note
-    assert training.build_step(parsed(), make_step, torch.device("cpu"), distributed=True)[1] is None
+    assert steps.build_step(parsed(), make_step, torch.device("cpu"), distributed=True)[1] is None
 
 
 @pytest.mark.parametrize("main, flags", [(train_1st_order.main, []),
@@ -115,8 +116,8 @@ def test_both_spellings_together_are_refused_in_one_line(capsys, tiny_argv):
 
 
 def test_the_note_goes_to_stdout_and_the_log_once(capsys, tiny_argv, monkeypatch):
-    _, note = training.build_step(parsed(), make_step, torch.device("cuda"), distributed=True)
-    real = training.build_step
+    _, note = steps.build_step(parsed(), make_step, torch.device("cuda"), distributed=True)
+    real = steps.build_step
     monkeypatch.setattr(training, "build_step", lambda *a, **k: (real(*a, **k)[0], note))
     run_dir = train_1st_order.main(tiny_argv("noted", "--epochs", "1"))
     assert capsys.readouterr().out.splitlines().count(note) == 1
@@ -167,7 +168,7 @@ def test_graphed_steps_give_the_eager_numbers_bitwise(rerun_graphs, flags):
 def test_a_default_graph_that_fails_to_capture_trains_on_eagerly_with_a_note(rerun_graphs, monkeypatch, capsys, flags):
     def fails(fn, inputs):
         raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(training, "Captured", fails)
+    monkeypatch.setattr(steps, "Captured", fails)
     eager_losses, eager_params = trained(flags, None)
 
     def default(step):  # as build_step makes it when --cuda_graph is not given
@@ -185,7 +186,7 @@ def test_a_default_graph_that_fails_to_capture_trains_on_eagerly_with_a_note(rer
 
 def test_a_capture_that_fails_restores_the_stream_and_reports_its_own_error(monkeypatch):
     """torch.cuda.graph leaves its capture stream current when ending a broken capture fails (it exits
-    the stream context only after capture_end succeeds). utils.Captured puts the caller's stream back,
+    the stream context only after capture_end succeeds). steps.Captured puts the caller's stream back,
     drops the graph and raises the error that broke the capture. Here on the CPU, with stand-ins that
     behave as torch's do."""
     streams = ["caller's stream"]
@@ -208,19 +209,19 @@ def test_a_capture_that_fails_restores_the_stream_and_reports_its_own_error(monk
     def step(x):
         raise RuntimeError("CUDA error: operation not permitted\nwhen stream is capturing")
     with pytest.raises(RuntimeError, match="^CUDA error: operation not permitted when stream is capturing$"):
-        utils.Captured(step, (torch.zeros(2),))
+        steps.Captured(step, (torch.zeros(2),))
     assert streams[-1] == "caller's stream"
 
 
 def test_make_capturable_moves_adams_step_counters():
     args, net, optimizer, objective, batches = setup(FIRST_ORDER[1])
-    train_1st_order.first_order_step(optimizer, objective, *batches[0])
-    training.make_capturable(optimizer)
+    steps.first_order_step(optimizer, objective, *batches[0])
+    steps.make_capturable(optimizer)
     assert all(group["capturable"] for group in optimizer.param_groups)
-    steps = [optimizer.state[p]["step"] for p in net.parameters()]
-    assert all(s.dtype == torch.float32 and s.device == p.device for s, p in zip(steps, net.parameters()))
+    counters = [optimizer.state[p]["step"] for p in net.parameters()]
+    assert all(s.dtype == torch.float32 and s.device == p.device for s, p in zip(counters, net.parameters()))
     sgd = setup(FIRST_ORDER[0])[2]
-    training.make_capturable(sgd)  # SGD has nothing to make capturable
+    steps.make_capturable(sgd)  # SGD has nothing to make capturable
     assert "capturable" not in sgd.param_groups[0]
 
 
@@ -228,7 +229,7 @@ def test_the_logged_lbfgs_loss_is_the_first_evaluation(rerun_graphs):
     """The static loss is overwritten by each later evaluation of the line search: what a graphed
     step returns is a copy of the first, the penalised loss at the parameters it started from."""
     args, net, optimizer, objective, batches = setup(LBFGS[0])
-    step = train_2nd_order.make_lbfgs_step(args).graphed()
+    step = steps.make_lbfgs_step(args).graphed()
     params = optimizers.trainable_parameters(net)
     for x, y in batches[:3]:
         with torch.no_grad():
@@ -241,7 +242,7 @@ def test_the_logged_lbfgs_loss_is_the_first_evaluation(rerun_graphs):
 
 
 def previous_lbfgs_step(args):
-    """train_2nd_order.make_lbfgs_step as it was before the graphed form, for the comparison below."""
+    """steps.make_lbfgs_step as it was before the graphed form, for the comparison below."""
     weight_decay = 0.0 if args.sep_decay else args.weight_decay
 
     def lbfgs_step(optimizer, objective, x, y):
@@ -281,8 +282,8 @@ def test_lbfgs_steps_a_channels_last_resnet():
     channels_last = net.to(memory_format=torch.channels_last)
     optimizer = optimizers.make_optimizer(args, channels_last)
     optimizer.param_groups[0].update(max_iter=2, max_eval=3)  # a short line search: the layout is the point
-    objective = training.make_objective(args, channels_last, utils.make_criterion(args, K))
-    loss, _ = train_2nd_order.make_lbfgs_step(args)(optimizer, objective, x.to(memory_format=torch.channels_last), y)
+    objective = steps.make_objective(args, channels_last, utils.make_criterion(args, K))
+    loss, _ = steps.make_lbfgs_step(args)(optimizer, objective, x.to(memory_format=torch.channels_last), y)
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(plain, channels_last.parameters()))
 
 
@@ -367,12 +368,12 @@ def test_a_real_capture_that_fails_leaves_the_default_stream_and_trains_on_eager
     """A step that syncs (loss.item()) cannot be captured: the default graph says so once, puts the
     caller's stream back and trains on eagerly, with the eager numbers."""
     def syncing_step(optimizer, objective, x, y):
-        loss, logits = train_1st_order.first_order_step(optimizer, objective, x, y)
+        loss, logits = steps.first_order_step(optimizer, objective, x, y)
         loss.item()  # not allowed while capturing
         return loss, logits
 
     def default(step):
-        wrapped = training.CUDAGraphStep(lambda *a: syncing_step(*a))
+        wrapped = steps.CUDAGraphStep(lambda *a: syncing_step(*a))
         wrapped.fallback = True
         return wrapped
     flags = FIRST_ORDER[0]
@@ -388,7 +389,7 @@ def test_a_real_capture_that_fails_leaves_the_default_stream_and_trains_on_eager
 @pytest.mark.parametrize("optimizer, lr", [("SGD", "0.05"), ("Adam", "0.001")])
 def test_a_gpu_resnet_resumed_with_deterministic_switched_trains_on(tiny_argv, optimizer, lr):
     """--deterministic switched on --resume changes the ResNet's layout (NCHW <-> channels_last); the
-    fused optimisers then get state in the parameters' layout (training.match_parameter_layout)."""
+    fused optimisers then get state in the parameters' layout (optimizers.match_parameter_layout)."""
     flags = ["--device", "cuda", "--model", "ResNet18_adapt", "--width", "8", "--optimizer", optimizer, "--lr", lr,
              "--sample_size", "20", "--batch_size", "32"]
     run = train_1st_order.main(tiny_argv("switched", *flags, "--epochs", "1"))

@@ -15,7 +15,7 @@ import datasets
 import fake_data
 import harness
 from conftest import REPO
-from utils import UserError
+from nclib.base import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -16,6 +16,9 @@ import torch
 
 import rounding
 from conftest import REPO, TESTS, load_pickle, refused
+from nclib import base
+from nclib import cli
+from nclib import measure
 
 RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mnist_sample", "--sample_size", "20",
        "--batch_size", "32", "--epochs", "2", "--device", "cpu", "--num_workers", "0"]
@@ -101,7 +104,7 @@ def checkpoint(run_dir, epoch):
     args = argparse.Namespace(**json.loads((run_dir / "args.json").read_text()))
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size)
     model, _ = models.build_on_device(args, data.num_classes, torch.device("cpu"))
-    assert validate_NC.load_checkpoint(model, run_dir / f"epoch_{epoch:03d}.pth", torch.device("cpu")) is None
+    assert measure.load_checkpoint(model, run_dir / f"epoch_{epoch:03d}.pth", torch.device("cpu")) is None
     return model, data
 
 
@@ -111,14 +114,14 @@ def bounds(model, data, errors_of):
     the bounds are taken about features computed in one batch per split."""
     import datasets
     import validate_NC
-    forward = validate_NC.EvalForward(model)
+    forward = measure.EvalForward(model)
     splits = []
     for loader in datasets.make_loaders(data, 10 ** 6, torch.device("cpu"), train=False, num_workers=0):
         (x, y), = list(loader)
         logits, h = forward(x)
         splits.append((h, logits, y) + rounding.one_hidden_layer_terms(forward.module, x))
     (h, _, y, S, n), (h_test, _, _, S_test, _) = splits
-    bound = rounding.nc_bounds(h, y, data.num_classes, *validate_NC.last_layer(model), *errors_of(h, S, n))
+    bound = rounding.nc_bounds(h, y, data.num_classes, *measure.last_layer(model), *errors_of(h, S, n))
     bound["mu_G_test"] = rounding.mean_bound(len(h_test), *errors_of(h_test, S_test, n))
     return bound, splits, forward.module.fc
 
@@ -148,7 +151,7 @@ def test_nc_of_two_ranks_equals_one_process(two_rank_run, tmp_path, single_threa
     assert a["epochs"] == b["epochs"] == [1, 2]
     for e, epoch in enumerate(a["epochs"]):
         bound, _, _ = bounds(*checkpoint(two_rank_run, epoch), lambda h, S, n: [rounding.Float64Sums(h)])
-        for key in validate_NC.INFO_KEYS:
+        for key in measure.INFO_KEYS:
             if key in ACCURACIES:  # the same logits' hits, counted: whole numbers, exact in float64
                 assert a[key][e] == b[key][e], key
             else:
@@ -163,11 +166,11 @@ def test_another_batch_size_moves_nc_within_the_float32_bound(two_rank_run, sing
     import validate_NC
     for epoch in (1, 2):
         model, data = checkpoint(two_rank_run, epoch)
-        results = [validate_NC.evaluate(model, *datasets.make_loaders(data, int(size), torch.device("cpu"),
+        results = [measure.evaluate(model, *datasets.make_loaders(data, int(size), torch.device("cpu"),
                                                                        train=False, num_workers=0), data.num_classes)
                    for size in (SAME_SHAPES, OTHER_SHAPES)]
         bound, splits, fc = bounds(model, data, lambda h, S, n: [rounding.Float32Sums(S, n), rounding.Float64Sums(h)])
-        for key in validate_NC.INFO_KEYS:
+        for key in measure.INFO_KEYS:
             if key in ACCURACIES:  # a hit changes only where another logit is within rounding of the true one
                 h, logits, y, S, n = splits[key.startswith("test")]
                 flips = rounding.fragile(logits, y, rounding.logit_bound(fc, h, S, n))
@@ -220,14 +223,15 @@ def test_torchrun_refuses_an_indivisible_batch_in_one_line(tmp_path):
 @pytest.fixture
 def two_ranks(monkeypatch):
     """main() as rank 0 of a pretended 2-rank torchrun (no process group: the refusals come first)."""
-    import training
+    from nclib import distributed, training
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr(training, "init_distributed", lambda: None)
-    monkeypatch.setattr(training, "end_distributed", lambda: None)
+    monkeypatch.setattr(distributed, "init_distributed", lambda: None)
+    monkeypatch.setattr(distributed, "end_distributed", lambda: None)
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
     monkeypatch.setattr(training, "world", lambda: (0, 2))
-    monkeypatch.setattr(training, "broadcast_from_rank_zero", lambda obj: obj)
+    monkeypatch.setattr(distributed, "broadcast_from_rank_zero", lambda obj: obj)
 
 
 @pytest.mark.parametrize("extra, says", [
@@ -251,20 +255,19 @@ def test_lbfgs_refused_under_torchrun(two_ranks, capsys, tmp_path):
 
 def test_other_ranks_stay_quiet_on_bad_input(monkeypatch, capsys):
     """Every rank meets the same bad input; only rank 0 prints it, and every rank exits with 2."""
-    import utils
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
 
     def bad():
-        raise utils.UserError("no")
+        raise base.UserError("no")
     with pytest.raises(SystemExit) as e:
-        utils.run_main(bad)
+        cli.run_main(bad)
     assert e.value.code == 2 and capsys.readouterr().err == ""
 
 
 def test_merged_statistics_equal_streamed_ones():
     """NCStats.merge of blocks gives the statistics of all samples (what the ranks' merge relies on)."""
-    import nc
+    from nclib import nc
     g = torch.Generator().manual_seed(0)
     H, y = 1e3 + torch.randn(300, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (300,), generator=g)
     whole = nc.NCStats(4, 8)
@@ -286,7 +289,7 @@ def test_all_ranks_merges_every_ranks_statistics_in_rank_order(monkeypatch):
     """Given the same features, the statistics merged across 2 ranks give one process's metrics to float64
     rounding (the end-to-end test cannot show it for classes split across ranks: mnist_sample is sorted
     by class, so 2 ranks split it between classes 4 and 5)."""
-    import nc
+    from nclib import distributed, nc
     g = torch.Generator().manual_seed(1)
     K, d = 4, 6
     H = (3 * torch.randn(K, d, generator=g))[torch.arange(90) % K] + torch.randn(90, d, generator=g)
@@ -300,8 +303,8 @@ def test_all_ranks_merges_every_ranks_statistics_in_rank_order(monkeypatch):
     def all_gather(t):  # what each rank receives: every rank's tensor of that name, in rank order
         name, _ = fields[id(t)]
         return [getattr(stats, name) for stats in ranks]
-    monkeypatch.setattr(nc, "_all_gather", all_gather)
-    merged = ranks[1].all_ranks()
+    monkeypatch.setattr(distributed, "all_gather", all_gather)
+    merged = distributed.merged_stats(ranks[1])
     whole = nc.NCStats(K, d)
     for batch in torch.arange(90).split(16):
         whole.update(H[batch], y[batch])

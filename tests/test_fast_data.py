@@ -12,9 +12,10 @@ import torchvision.transforms as T
 
 import datasets
 import models
-import training
-from train_1st_order import first_order_step
+from nclib import training
+from nclib.steps import first_order_step
 from utils import make_criterion, make_optimizer
+from nclib import steps
 
 CPU = torch.device("cpu")
 
@@ -212,7 +213,7 @@ def tiny_setup(seed=0):
     args = type("Args", (), dict(optimizer="SGD", lr=0.05, weight_decay=5e-4, sep_decay=False, loss="MSE",
                                  amp="none", compile=False))()
     model = models.MLP(hidden=32, depth=1, num_classes=10)
-    return model, make_optimizer(args, model), training.make_objective(args, model, make_criterion(args, 10))
+    return model, make_optimizer(args, model), steps.make_objective(args, model, make_criterion(args, 10))
 
 
 def test_sgd_gives_the_same_losses_through_both_paths():
@@ -248,7 +249,7 @@ def test_compiled_run_finishes(tiny_argv):
 
 def test_cuda_graph_needs_a_gpu(tiny_argv, capsys):
     import train_1st_order
-    from utils import run_main
+    from nclib.cli import run_main
     with pytest.raises(SystemExit):
         run_main(train_1st_order.main, tiny_argv("graph", "--cuda_graph", "--device", "cpu"))
     assert "--cuda_graph needs a CUDA device" in capsys.readouterr().err

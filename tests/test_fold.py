@@ -6,7 +6,8 @@ from torch import nn
 import models
 import validate_NC
 from models.fold import fold_batchnorm
-from utils import fp32_convolutions
+from nclib.steps import fp32_convolutions
+from nclib import measure
 
 
 def trained_statistics(model, seed=0):
@@ -77,10 +78,10 @@ def test_layer_hooks_see_the_same_features_in_the_folded_network():
     torch.manual_seed(0)
     model = trained_statistics(models.MLP(hidden=16, depth=3))
     x = torch.randn(6, 3, 32, 32)
-    forward = validate_NC.EvalForward(model)
-    names = validate_NC.select_layers(forward.module, [])
-    with torch.no_grad(), validate_NC.LayerHooks(model, names) as plain, \
-            validate_NC.LayerHooks(forward.module, names) as folded:
+    forward = measure.EvalForward(model)
+    names = measure.select_layers(forward.module, [])
+    with torch.no_grad(), measure.LayerHooks(model, names) as plain, \
+            measure.LayerHooks(forward.module, names) as folded:
         model(x)
         forward(x)
     # the first layer sums 3,072 terms: ~sqrt(3072) u = 3e-6 of their magnitudes (a few here) for random
@@ -94,7 +95,7 @@ def graphed_eval_forward():
     three of the full size, then a smaller last one)."""
     torch.manual_seed(0)
     model = trained_statistics(models.MLP(hidden=16, depth=2))
-    forward = validate_NC.EvalForward(model)
+    forward = measure.EvalForward(model)
     forward.use_graph = True
     return forward, fold_batchnorm(model), [torch.randn(8, 3, 32, 32) for _ in range(3)] + [torch.randn(5, 3, 32, 32)]
 
@@ -119,14 +120,14 @@ def test_eval_forward_captures_the_first_full_batch_and_replays_it_for_the_other
 def test_eval_forward_whose_capture_fails_runs_eagerly_after_one_note(rerun_graphs, monkeypatch, capsys):
     def fails(fn, inputs):
         raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(validate_NC, "Captured", fails)
-    monkeypatch.setattr(validate_NC.EvalForward, "capture_failed", False)  # restored after the test
+    monkeypatch.setattr(measure, "Captured", fails)
+    monkeypatch.setattr(measure.EvalForward, "capture_failed", False)  # restored after the test
     forward, eager, batches = graphed_eval_forward()
     assert_eager_numbers(forward, eager, batches)
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith("note: validation's forward pass cannot be captured as a CUDA "
                                                    "graph (operation not permitted when stream is capturing)")
-    assert not forward.use_graph and validate_NC.EvalForward.capture_failed  # later passes: eager, no note
+    assert not forward.use_graph and measure.EvalForward.capture_failed  # later passes: eager, no note
 
 
 def test_eval_forward_on_a_gpu_convolves_in_ieee_float32_only_while_it_runs(rerun_graphs):
@@ -150,7 +151,7 @@ def test_eval_forward_replays_a_cuda_graph_with_the_eager_numbers():
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = trained_statistics(models.resnet18(SOTA=True)).to(device).to(memory_format=torch.channels_last)
-    forward = validate_NC.EvalForward(model)
+    forward = measure.EvalForward(model)
     eager = fold_batchnorm(model)
     batches = [torch.randn(32, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
                for _ in range(3)] + [torch.randn(7, 3, 32, 32, device=device)]  # a smaller last batch runs eagerly

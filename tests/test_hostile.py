@@ -21,13 +21,16 @@ import torch
 import experiments
 import fake_data
 import plot_runs
-import rundir
+from nclib import rundir
 import train_1st_order
-import training
-import utils
+from nclib import training
 import validate_NC
 from args import train_parser
 from conftest import REPO, TINY_RUN, load_pickle, refused, same
+from nclib import base
+from nclib import cli
+from nclib import runbook
+from nclib import validation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,7 +81,7 @@ RUNNER = r"""
 import importlib, json, os, runpy, sys, time
 repo, folder, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path.insert(0, repo)
-import training, validate_NC
+import validate_NC
 def wait(path):
     while not os.path.exists(path):
         time.sleep(0.02)
@@ -178,7 +181,7 @@ def run_in_process(main, *args):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            utils.run_main(main, *args)
+            cli.run_main(main, *args)
             code = 0
         except SystemExit as e:
             code = e.code
@@ -206,11 +209,11 @@ def busy(tmp_path_factory):
     s = Scenario(folder)
     seen = {"run_dir": run_dir}
     try:
-        s.start("first", ("first", "train_1st_order.py", train, [("training.train_one_epoch", 2, "first_gate")], False))
+        s.start("first", ("first", "train_1st_order.py", train, [("nclib.training.train_one_epoch", 2, "first_gate")], False))
         s.start("other", ("second", "train_1st_order.py", train + ["--force"], [], True),
-                ("validation", "validate_NC.py", validation, [("rundir.write_info", 1, "validation_gate")], True),
+                ("validation", "validate_NC.py", validation, [("nclib.rundir.write_info", 1, "validation_gate")], True),
                 ("resumed", "train_1st_order.py", train + ["--resume"],
-                 [("training.train_one_epoch", 1, "resumed_gate")], True))
+                 [("nclib.training.train_one_epoch", 1, "resumed_gate")], True))
         seen["pids"] = {name: proc.pid for name, proc in s.procs.items()}
 
         s.wait_for("first_gate.reached", "first")  # epoch 1 is saved; epoch 2 is under way
@@ -321,7 +324,7 @@ def test_a_step_to_non_finite_weights_is_never_saved(capsys, tmp_path, loss, hin
                 "--save_dir", str(tmp_path)]
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        utils.run_main(train_1st_order.main, argv)
+        cli.run_main(train_1st_order.main, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]  # after the progress bar
@@ -330,8 +333,8 @@ def test_a_step_to_non_finite_weights_is_never_saved(capsys, tmp_path, loss, hin
     epochs = checkpoint_epochs(run_dir)
     assert 1 <= len(epochs) < 6
     for e in epochs:
-        assert utils.all_finite(torch.load(run_dir / f"epoch_{e:03d}.pth", weights_only=True)), e
-    assert utils.all_finite(torch.load(run_dir / "last.pth", weights_only=False)["model"])
+        assert base.all_finite(torch.load(run_dir / f"epoch_{e:03d}.pth", weights_only=True)), e
+    assert base.all_finite(torch.load(run_dir / "last.pth", weights_only=False)["model"])
 
 
 def test_the_divergence_hint_names_m_and_k_only_for_rescaled_mse():
@@ -470,7 +473,7 @@ def test_batch_size_one_is_refused_before_the_run_directory_exists(tiny_argv, ca
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_to_the_runbook_stops_its_command_and_waits_for_it(tmp_path, capsys, signum):
-    """experiments.call, as `experiments.py --run` calls a training, in this process: the signal is
+    """runbook.call, as `experiments.py --run` calls a training, in this process: the signal is
     sent to this process (as `kill -TERM <runbook>` would) once the command runs and call() listens."""
     pid_file = tmp_path / "child.pid"
     command = [sys.executable, "-c",
@@ -489,7 +492,7 @@ def test_a_signal_to_the_runbook_stops_its_command_and_waits_for_it(tmp_path, ca
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     with pytest.raises(SystemExit) as e:
-        experiments.call(command)
+        runbook.call(command)
     stopped = time.time()
     sender.join()
     assert sent and stopped - sent[0] < 10  # promptly, not after the command's 60 s
@@ -626,7 +629,7 @@ class InterruptsPickling:
 def test_ctrl_c_during_a_save_exits_130_in_one_line(tmp_path, capsys):
     target = tmp_path / "state.pth"
     try:
-        utils.run_main(lambda: utils.save_torch({"x": InterruptsPickling()}, str(target)))
+        cli.run_main(lambda: base.save_torch({"x": InterruptsPickling()}, str(target)))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -674,7 +677,7 @@ def test_a_folder_where_a_result_file_goes_is_one_line(run_copy, capsys, blocked
     os.makedirs(os.path.join(run_copy, blocked, "x"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        utils.run_main(validate, run_copy)
+        cli.run_main(validate, run_copy)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line]  # (beside the progress bar's lines)
     assert e.value.code == 1 and "Traceback" not in err, err
@@ -779,14 +782,14 @@ def test_a_start_over_is_refused_while_the_run_is_validated(run_copy, capsys):
 def test_a_start_over_between_reading_the_run_and_locking_it_is_refused(run_copy, capsys, monkeypatch):
     """Validation reads args.json before it holds its lock: a --force restart (another width) in
     between is found once the lock is held, and nothing is measured with the old model's flags."""
-    real = validate_NC.run_arguments
+    real = validation.run_arguments
 
     def run_arguments(cli, given):
         merged = real(cli, given)
         record = json.loads((run_copy / "args.json").read_text())
         (run_copy / "args.json").write_text(json.dumps({**record, "width": 16}))
         return merged
-    monkeypatch.setattr(validate_NC, "run_arguments", run_arguments)
+    monkeypatch.setattr(validation, "run_arguments", run_arguments)
     message = refused(capsys, validate_NC.main, ["--load_path", str(run_copy), "--device", "cpu"])
     assert "started over" in message and not (run_copy / "info.pkl").exists()
 
@@ -848,7 +851,7 @@ def test_a_folder_where_a_lock_goes_is_named(run_copy, capsys, lock):
 
 
 def test_temporaries_of_killed_writes_are_removed_by_the_next_writer_of_their_kind(run_copy):
-    """What utils.atomic_write leaves when its process is killed before the rename. Validation removes
+    """What base.atomic_write leaves when its process is killed before the rename. Validation removes
     those of the results only (a training may be writing its own at this moment); --resume its own."""
     (run_copy / "nc_results").mkdir()
     results = ["nc_results/.tmp_epoch_001.pkl.x1", ".tmp_info.pkl.x2", ".tmp_test_log.txt.x3"]

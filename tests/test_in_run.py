@@ -11,10 +11,11 @@ import torch
 
 import harness
 import plot_runs
-import rundir
+from nclib import rundir
 import train_1st_order
 import validate_NC
 from conftest import REPO, load_pickle, refused, same
+from nclib import measure
 
 EPOCHS = 5
 # Checkpoints of epochs 2, 4 and 5 (the last); NC measured after every epoch.
@@ -81,7 +82,7 @@ def runs(tmp_path_factory, ref):
 def test_a_run_records_every_epoch_and_keeps_the_thinned_checkpoints(ref):
     ref = ref
     info = load_pickle(os.path.join(ref, rundir.INFO))
-    assert info["epochs"] == [1, 2, 3, 4, 5] and set(info) == set(validate_NC.INFO_KEYS) | {"epochs"}
+    assert info["epochs"] == [1, 2, 3, 4, 5] and set(info) == set(measure.INFO_KEYS) | {"epochs"}
     assert checkpoints(ref) == [2, 4, 5]
     records = rundir.read_metrics(ref)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
@@ -101,7 +102,7 @@ def test_in_run_results_equal_validation_of_the_checkpoints_bitwise(ref, tmp_pat
     validate_NC.main(["--load_path", str(fresh), "--device", "cpu"])
     measured = load_pickle(fresh / rundir.INFO)
     assert measured["epochs"] == [2, 4, 5]  # only what the checkpoints hold
-    for key in validate_NC.INFO_KEYS:
+    for key in measure.INFO_KEYS:
         for e in (2, 4, 5):
             assert same(measured[key][measured["epochs"].index(e)], info[key][e - 1]), (key, e)
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import losses
+from nclib import losses
 import models
 import utils
 from args import train_parser
+from nclib import base
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -123,7 +124,7 @@ def test_mse_gradient_formula():
 def test_unknown_loss_is_a_user_error():
     args = train_parser().parse_args([])
     args.loss = "Hinge"
-    with pytest.raises(utils.UserError, match="Hinge"):
+    with pytest.raises(base.UserError, match="Hinge"):
         utils.make_criterion(args, 3)
 
 
@@ -158,7 +159,7 @@ def test_sep_decay_penalty_excludes_the_body():
 
 
 def test_sep_decay_objective_adds_the_penalty():
-    from training import make_objective
+    from nclib.training import make_objective
     torch.manual_seed(0)
     args = train_parser().parse_args(["--model", "MLP", "--width", "8", "--depth", "1", "--sep_decay",
                                       "--weight_decay", "0.01", "--feature_decay_rate", "0.02"])

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import models
-import nc
+from nclib import nc
 import validate_NC
 from conftest import refused, train_tiny, unvalidated_copy
 from models import simplex_etf
-from utils import UserError
+from nclib.base import UserError
+from nclib import measure
 
 
 # ---------------------------------------------------------------------------- references in numpy
@@ -89,7 +90,7 @@ def test_each_measure_matches_its_formula_in_numpy(seed, batch):
 
 def test_every_measure_has_its_documented_info_keys():
     H, y, W, pred = random_problem()
-    assert set(measures_of(H, y, W, pred)) == {k for keys in nc.MEASURES.values() for k in keys} - {"ncc_test"}
+    assert set(measures_of(H, y, W, pred)) == {k for m in nc.MEASURES.values() for k in m.keys} - {"ncc_test"}
 
 
 def test_streamed_within_class_variance_keeps_precision_on_collapsed_features():
@@ -156,7 +157,7 @@ def test_a_single_sample_class_does_not_crash_the_validation_of_a_training_set()
     y[y == 2] = 1
     y[0] = 2
     logits = H @ W.T
-    train = validate_NC.TrainingSetMetrics(3, H.shape[1], len(y), torch.device("cpu"), keep_pred=True, layers=("h",))
+    train = measure.TrainingSetMetrics(3, H.shape[1], len(y), torch.device("cpu"), keep_pred=True, layers=("h",))
     train.add(logits.float(), H.float(), y, {})
     with pytest.warns(UserWarning, match=r"classes \[2\]"):
         out = {**train.result(W, torch.zeros(3)), **train.more_result(W, tuple(nc.MEASURES))}
@@ -206,10 +207,10 @@ def test_layer_measures_vanish_on_an_exact_collapse():
                                    models.ResNet18_adapt(width=4, num_classes=4)])
 def test_layer_hooks_give_the_models_h_at_the_penultimate_layer(model):
     model.eval()
-    names = validate_NC.select_layers(model, [])
+    names = measure.select_layers(model, [])
     assert names[-1] == "h"
     x = torch.randn(5, 3, 32, 32)
-    with torch.no_grad(), validate_NC.LayerHooks(model, names) as hooks:
+    with torch.no_grad(), measure.LayerHooks(model, names) as hooks:
         _, h = model(x)
     assert torch.equal(hooks.features["h"], h)
     assert all(f.shape[0] == 5 and f.dim() == 2 for f in hooks.features.values())
@@ -217,23 +218,23 @@ def test_layer_hooks_give_the_models_h_at_the_penultimate_layer(model):
 
 
 def test_layer_names_by_model():
-    assert validate_NC.select_layers(models.MLP(hidden=8, depth=3), []) == ("hidden1", "hidden2", "h")
-    assert validate_NC.select_layers(models.resnet18(), ["h", "layer2"]) == ("layer2", "h")
+    assert measure.select_layers(models.MLP(hidden=8, depth=3), []) == ("hidden1", "hidden2", "h")
+    assert measure.select_layers(models.resnet18(), ["h", "layer2"]) == ("layer2", "h")
 
 
 def test_an_unknown_layer_or_model_is_a_user_error_listing_the_valid_ones():
     with pytest.raises(UserError, match="unknown layer9; this model's layers are hidden1, hidden2, h"):
-        validate_NC.select_layers(models.MLP(hidden=8, depth=3), ["layer9"])
+        measure.select_layers(models.MLP(hidden=8, depth=3), ["layer9"])
     with pytest.raises(UserError, match="layers of Linear are not known"):
-        validate_NC.select_layers(torch.nn.Linear(3, 3), [])
+        measure.select_layers(torch.nn.Linear(3, 3), [])
 
 
 def test_an_unknown_measure_is_a_user_error_listing_the_valid_ones():
-    assert validate_NC.parse_measures(["paper"]) == ()
-    assert validate_NC.parse_measures(["all"]) == tuple(nc.MEASURES)
-    assert validate_NC.parse_measures(["ncc,cdnv", "trace_ratio"]) == ("trace_ratio", "cdnv", "ncc")
+    assert measure.parse_measures(["paper"]) == ()
+    assert measure.parse_measures(["all"]) == tuple(nc.MEASURES)
+    assert measure.parse_measures(["ncc,cdnv", "trace_ratio"]) == ("trace_ratio", "cdnv", "ncc")
     with pytest.raises(UserError, match="unknown NC5; choose all, paper, or any of trace_ratio, cdnv"):
-        validate_NC.parse_measures(["cdnv", "NC5"])
+        measure.parse_measures(["cdnv", "NC5"])
 
 
 # ---------------------------------------------------------------------------- validate_NC.py end to end
@@ -262,7 +263,7 @@ def test_measures_paper_writes_the_same_info_pkl_bit_for_bit(run_copy, tmp_path)
     validate_NC.main(["--load_path", run_copy, "--device", "cpu"])
     validate_NC.main(["--load_path", str(other), "--device", "cpu", "--measures", "paper"])
     assert info_bytes(run_copy) == info_bytes(other)
-    assert set(pickle.loads(info_bytes(run_copy))) == set(validate_NC.INFO_KEYS) | {"epochs"}
+    assert set(pickle.loads(info_bytes(run_copy))) == set(measure.INFO_KEYS) | {"epochs"}
 
 
 def test_measures_all_and_layers_add_their_keys_and_are_not_served_a_paper_result(run_copy, capsys):
@@ -271,9 +272,9 @@ def test_measures_all_and_layers_add_their_keys_and_are_not_served_a_paper_resul
     validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "all", "--layers"])
     assert "(2 computed, 0 reused" in capsys.readouterr().out  # a paper result lacks the extras
     info = pickle.loads(info_bytes(run_copy))
-    extra = {k for keys in nc.MEASURES.values() for k in keys} | {"layers", "layer_names"}
+    extra = {k for m in nc.MEASURES.values() for k in m.keys} | {"layers", "layer_names"}
     assert set(info) == set(paper) | extra
-    for key in validate_NC.INFO_KEYS:  # the paper's entries are unchanged
+    for key in measure.INFO_KEYS:  # the paper's entries are unchanged
         for a, b in zip(paper[key], info[key]):
             np.testing.assert_array_equal(a, b)
     assert info["layer_names"][-1] == ["hidden1", "h"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import nc
+from nclib import nc
 from models import simplex_etf
 
 torch.set_default_dtype(torch.float32)

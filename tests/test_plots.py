@@ -15,9 +15,11 @@ import plot_k_rmse
 import plot_M_rmse
 import plot_optim_mse
 import plot_runs
-import plot_utils
-import runs
-from utils import UserError, run_main
+from nclib import plotting
+from nclib import runs
+from nclib.base import UserError
+from nclib.cli import run_main
+from nclib import runbook
 
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
                   "k": plot_k_rmse}
@@ -73,7 +75,7 @@ def write_runs(root, labelled):
 
 
 def assert_figures(out_dir):
-    for name in plot_utils.FIGURE_NAMES:
+    for name in plotting.FIGURE_NAMES:
         for ext, magic in (("png", PNG_MAGIC), ("pdf", PDF_MAGIC)):
             path = os.path.join(out_dir, f"{name}.{ext}")
             assert os.path.isfile(path), f"{path} missing"
@@ -92,7 +94,7 @@ def test_figure_script_draws_every_panel(figure, tmp_path):
     write_runs(root, table(module))
     written = module.main(["--root", str(root), "--out_dir", str(out)])
     assert_figures(out)
-    assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
+    assert len(written) == 2 * len(plotting.FIGURE_NAMES)
 
 
 @pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
@@ -126,7 +128,7 @@ def test_unreadable_info_pkl(tmp_path):
     with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
         f.write(b"not a pickle")
     with pytest.raises(UserError, match="cannot read"):
-        plot_utils.load_info(run_dir)
+        plotting.load_info(run_dir)
 
 
 @pytest.mark.slow
@@ -147,14 +149,14 @@ def test_runs_flag_replaces_the_table(tmp_path):
     written = plot_etf_mse.main(["--root", str(root), "--out_dir", str(out),
                                  "--runs", "d=10=mine", f"other={elsewhere}"])  # labels may hold '='
     assert_figures(out)
-    assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
+    assert len(written) == 2 * len(plotting.FIGURE_NAMES)
     with pytest.raises(SystemExit) as e:
         plot_etf_mse.main(["--root", str(root), "--runs", "no_label_here"])
     assert e.value.code == 2
 
 
 def test_default_out_dir_is_figures_script_name():
-    p = plot_utils.figure_parser("plot_dk_mse.py", "x", table(plot_dk_mse))
+    p = plotting.figure_parser("plot_dk_mse.py", "x", table(plot_dk_mse))
     a = p.parse_args([])
     assert a.root == "model_weights" and os.path.normpath(a.out_dir) == os.path.join("figures", "plot_dk_mse")
 
@@ -163,27 +165,27 @@ def test_default_out_dir_is_figures_script_name():
 def test_info_without_epochs_key_and_short_margins(tmp_path):
     info = fake_info(epochs=5, n_samples=7)
     del info["epochs"]
-    assert plot_utils.info_epochs(info) == [1, 2, 3, 4, 5]
-    assert plot_utils.margin_head_size(7) == 7 and plot_utils.margin_head_size(50000) == 500
-    written = plot_utils.plot_infos([("a", info)], str(tmp_path))
-    assert len(written) == 2 * len(plot_utils.FIGURE_NAMES)
+    assert plotting.info_epochs(info) == [1, 2, 3, 4, 5]
+    assert plotting.margin_head_size(7) == 7 and plotting.margin_head_size(50000) == 500
+    written = plotting.plot_infos([("a", info)], str(tmp_path))
+    assert len(written) == 2 * len(plotting.FIGURE_NAMES)
 
 
 def test_runs_of_unequal_length_are_named_in_one_line(tmp_path, capsys, monkeypatch):
     cut = write_run(tmp_path, "cut", epochs=2)
     full = [write_run(tmp_path, f"full_{i}", epochs=6, seed=i) for i in (1, 2)]
-    monkeypatch.setattr(plot_utils, "plot_infos", lambda *args, **kwargs: [])  # the warning, not the drawing
-    plot_utils.plot_runs([("cut", cut), ("a", full[0]), ("b", full[1])], str(tmp_path / "out"))
+    monkeypatch.setattr(plotting, "plot_infos", lambda *args, **kwargs: [])  # the warning, not the drawing
+    plotting.plot_runs([("cut", cut), ("a", full[0]), ("b", full[1])], str(tmp_path / "out"))
     assert capsys.readouterr().err.splitlines() == [
         "warning: run 'cut' ends at epoch 2, the other 2 runs at epoch 6: the curves stop early and the "
         "last-epoch margin figures compare unequal training"]
-    plot_utils.plot_runs([("a", full[0]), ("b", full[1])], str(tmp_path / "out"))
+    plotting.plot_runs([("a", full[0]), ("b", full[1])], str(tmp_path / "out"))
     assert capsys.readouterr().err == ""
 
 
 def test_markers_every_25_epochs():
-    assert plot_utils.marker_indices(list(range(1, 201))) == [24, 49, 74, 99, 124, 149, 174, 199]
-    assert len(plot_utils.marker_indices(list(range(1, 31)))) >= 5
+    assert plotting.marker_indices(list(range(1, 201))) == [24, 49, 74, 99, 124, 149, 174, 199]
+    assert len(plotting.marker_indices(list(range(1, 31)))) >= 5
 
 
 # ---------------------------------------------------------------------------- plot_runs.py
@@ -319,7 +321,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
         calls.append(cmd)
         return 1 if len(calls) == 3 else 0  # the second run's training fails
 
-    monkeypatch.setattr(experiments.Children, "run", fake_run)
+    monkeypatch.setattr(runbook.Children, "run", fake_run)
     with pytest.raises(SystemExit) as e:
         run_main(experiments.main, ["--figure", "etf", "--root", str(tmp_path), "--run", "--every_checkpoint"])
     scripts = [os.path.basename(c[1]) for c in calls]

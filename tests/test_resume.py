@@ -18,12 +18,12 @@ import torch
 
 import fake_data
 import harness
-import rundir
+from nclib import rundir
 import train_1st_order
 import train_2nd_order
-import utils
 import validate_NC
 from conftest import REPO, load_pickle, refused, same
+from nclib import base
 
 pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini
 
@@ -388,12 +388,12 @@ def test_validation_follows_a_run_that_is_still_training(runs, tmp_path, capsys)
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "f.pkl"
-    utils.save_pickle({"old": 1}, path)
+    base.save_pickle({"old": 1}, path)
 
     def half_then_fail(f):
         f.write(b"half a pickle")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        utils.atomic_write(path, half_then_fail)
+        base.atomic_write(path, half_then_fail)
     assert load_pickle(path) == {"old": 1}
     assert os.listdir(tmp_path) == ["f.pkl"]

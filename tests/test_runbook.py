@@ -10,9 +10,10 @@ import pytest
 import experiments
 import fake_data
 import harness
-import rundir
-import runs
+from nclib import rundir
+from nclib import runs
 from conftest import load_pickle, refused, same
+from nclib import runbook
 
 pytestmark = pytest.mark.slow  # trains real runs in processes of their own
 
@@ -22,8 +23,8 @@ def tiny_runbook(tmp_path, monkeypatch):
     """argv prefix for experiments.main: the etf figure's four runs, one epoch on a fake CIFAR-10."""
     data = tmp_path / "cifar"
     fake_data.write_cifar10(str(data))  # 50 training and 20 test images
-    monkeypatch.setattr(experiments, "command",
-                        lambda script, arguments: harness.command(os.path.join(experiments.HERE, script), *arguments))
+    monkeypatch.setattr(runbook, "command",
+                        lambda script, arguments: harness.command(os.path.join(runbook.HERE, script), *arguments))
     monkeypatch.chdir(tmp_path)  # the plot scripts draw into ./figures/
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same sums in every process, however many run at once
     return ["--figure", "etf", "--epochs", "1", "--data_dir", str(data), "--run"]

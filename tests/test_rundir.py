@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-import rundir
-from utils import UserError
+from nclib import rundir
+from nclib.base import UserError
 
 
 def touch(path, data=b"x"):

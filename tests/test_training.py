@@ -13,16 +13,17 @@ import pytest
 import torch
 
 import fake_data
-import losses
+from nclib import losses
 import models
-import optimizers
-import rundir
+from nclib import optimizers
+from nclib import rundir
 import train_1st_order
 import train_2nd_order
-import training
+from nclib import training
 import utils
 from args import train_parser
 from conftest import REPO, TINY_RUN, refused
+from nclib import steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -37,7 +38,7 @@ def tiny_setup(*flags, default="SGD"):
     args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
     model = models.build_model(args, K)
     optimizer = utils.make_optimizer(args, model)
-    objective = training.make_objective(args, model, utils.make_criterion(args, K))
+    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
     x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
     return args, model, optimizer, objective, x, y
 
@@ -55,7 +56,7 @@ def test_first_order_step_lowers_the_loss(flags):
     args, model, optimizer, objective, x, y = tiny_setup(*flags)
     before = full_loss(objective, x, y)
     for _ in range(5):
-        loss, logits = train_1st_order.first_order_step(optimizer, objective, x, y)
+        loss, logits = steps.first_order_step(optimizer, objective, x, y)
         assert logits.shape == (12, K) and loss.dim() == 0 and not loss.requires_grad
     assert full_loss(objective, x, y) < before
 
@@ -63,7 +64,7 @@ def test_first_order_step_lowers_the_loss(flags):
 def test_lbfgs_step_lowers_the_penalised_loss():
     args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
     params = optimizers.trainable_parameters(model)
-    step = train_2nd_order.make_lbfgs_step(args)
+    step = steps.make_lbfgs_step(args)
     before = full_loss(objective, x, y, params, args.weight_decay)
     first, _ = step(optimizer, objective, x, y)
     # the logged loss is the penalised objective at the parameters the step started from: the same forward
@@ -74,7 +75,7 @@ def test_lbfgs_step_lowers_the_penalised_loss():
     assert full_loss(objective, x, y, params, args.weight_decay) < 0.9 * before
 
 
-class RecordedLBFGSStep(train_2nd_order.LBFGSStep):
+class RecordedLBFGSStep(steps.LBFGSStep):
     """The LBFGS step, keeping the value of every evaluation of its closure."""
     values = None
 
@@ -122,7 +123,7 @@ def test_lbfgs_steps_are_bitwise_the_authors_steps():
 def test_lbfgs_with_sep_decay_has_no_extra_penalty():
     args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--sep_decay", default="LBFGS")
     before = full_loss(objective, x, y)  # MSE + the --sep_decay penalties, nothing else
-    first, _ = train_2nd_order.make_lbfgs_step(args)(optimizer, objective, x, y)
+    first, _ = steps.make_lbfgs_step(args)(optimizer, objective, x, y)
     assert first.item() == pytest.approx(before, rel=1e-5)  # as above
 
 
@@ -483,7 +484,7 @@ def test_a_resumed_optimiser_state_takes_its_parameters_layout(make):
         return [(p, resumed.state[p][k], optimizer.state[q][k]) for p, q in zip(model.parameters(), saved.parameters())
                 for k in resumed.state[p] if resumed.state[p][k].shape == p.shape]
     assert any(v.stride() != p.stride() for p, v, _ in states())  # as loaded: the saved layout
-    training.match_parameter_layout(resumed)
+    optimizers.match_parameter_layout(resumed)
     assert all(v.stride() == p.stride() and torch.equal(v, before) for p, v, before in states())
 
 

@@ -15,12 +15,15 @@ import datasets
 import experiments
 import fake_data
 import models
-import rundir
+from nclib import rundir
 import train_1st_order
-import training
-import utils
+from nclib import training
 from args import FLOAT32_MAX, train_parser
 from conftest import TINY_RUN, refused, same
+from nclib import base
+from nclib import checks
+from nclib import cli
+from nclib import runbook
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,7 +37,7 @@ def stopped(capsys, argv, code):
     which may share its line) once it exited with `code`, without a traceback."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        utils.run_main(train_1st_order.main, argv)
+        cli.run_main(train_1st_order.main, argv)
     err = capsys.readouterr().err
     errors = re.findall(r"error: [^\r\n]*", err)
     assert e.value.code == code and "Traceback" not in err and len(errors) == 1, err
@@ -84,10 +87,10 @@ def test_a_run_that_recorded_no_data_digest_resumes_as_before(tiny_argv, two_dat
     run_dir = tiny_argv.save_dir / "old"
     train_1st_order.main(tiny_argv("old", *MNIST, "--data_dir", d1, "--epochs", 1))
     args = read_args(run_dir)
-    write_args(run_dir, {k: v for k, v in args.items() if k not in (training.DATA_KEY, training.THREADS)})
+    write_args(run_dir, {k: v for k, v in args.items() if k not in (checks.DATA_KEY, checks.THREADS)})
     train_1st_order.main(tiny_argv("old", *MNIST, "--data_dir", d2, "--resume"))
     assert [e for e, _ in rundir.list_checkpoints(run_dir)] == [1, 2]
-    assert training.DATA_KEY not in read_args(run_dir)
+    assert checks.DATA_KEY not in read_args(run_dir)
 
 
 # ---------------------------------------------------------------------------- resume with other threads
@@ -107,14 +110,14 @@ def threads_seen(monkeypatch):
 def test_a_resume_on_the_cpu_keeps_the_thread_count_the_run_started_with(tiny_argv, monkeypatch, threads_seen):
     """A run started under `experiments.py --jobs 2` (one thread) and resumed under --jobs 1 (the
     machine's default, here two) went on with two threads and other numbers."""
-    for name in training.THREAD_VARIABLES:
+    for name in checks.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     run_dir = train_1st_order.main(tiny_argv("pinned", "--epochs", 1))  # under single_thread: one thread
     torch.set_num_threads(2)  # a new process whose default is two
     train_1st_order.main(tiny_argv("pinned", "--resume"))
     assert threads_seen == [1, 1]
     assert torch.get_num_threads() == 2  # given back afterwards
-    assert json.loads(open(os.path.join(run_dir, rundir.ARGS)).read())[training.THREADS] == 1
+    assert json.loads(open(os.path.join(run_dir, rundir.ARGS)).read())[checks.THREADS] == 1
 
 
 def test_a_thread_count_asked_for_on_resume_is_used_and_said_in_one_line(tiny_argv, monkeypatch, capsys, threads_seen):
@@ -136,10 +139,10 @@ def test_the_runbook_leaves_its_thread_share_out_of_a_resumed_run(tmp_path, monk
     def run(self, command, log=None, env=None):
         envs[command[command.index("--uid") + 1]] = env
         return 0
-    monkeypatch.setattr(experiments.Children, "run", run)
+    monkeypatch.setattr(runbook.Children, "run", run)
     items = [("run", str(tmp_path / uid), [("train_1st_order.py", ["--uid", uid, *flags])])
              for uid, flags in (("new", []), ("half_done", ["--resume"]))]
-    experiments.execute(items, jobs=2)
+    runbook.execute(items, jobs=2)
     assert "OMP_NUM_THREADS" in envs["new"] and envs["half_done"] is None  # None: the runbook's own environment
 
 
@@ -168,7 +171,7 @@ def test_the_local_cluster_gets_the_time_limit_and_gpus(tmp_path, monkeypatch, c
 # ---------------------------------------------------------------------------- a full disk
 
 class Disk:
-    """A disk for everything a training writes (utils.atomic_write through os.fdopen, utils.Log and
+    """A disk for everything a training writes (base.atomic_write through os.fdopen, base.Log and
     rundir.append_metrics through open) that fills `after` bytes into the file numbered `full_in`
     (from 0, in the order they are written): a write that does not fit writes what fits and raises
     OSError(ENOSPC), as a full disk does, and torch.save wraps that in its own error. `sizes` are the
@@ -194,7 +197,7 @@ class Disk:
             f = builtins.open(path, mode, *args, **kwargs)
             return self.filling(f) if "a" in mode or "w" in mode else f
         monkeypatch.setattr(os, "fdopen", fdopen)
-        for module in (utils, rundir):
+        for module in (base, rundir):
             monkeypatch.setattr(module, "open", open_, raising=False)
 
 
@@ -255,7 +258,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_next_command(disk_refer
     Disk(full_in=level, after=sizes[level] // 2).install(monkeypatch)
     argv = DISK_RUN + ["--save_dir", str(tmp_path), "--uid", "full"]
     try:
-        line = stopped(capsys, argv, utils.EXIT_FAILED)
+        line = stopped(capsys, argv, base.EXIT_FAILED)
     finally:
         monkeypatch.undo()
     run_dir = tmp_path / "full"
@@ -295,7 +298,7 @@ def test_a_network_larger_than_memory_is_refused_before_anything_is_written(tiny
 def test_the_size_check_counts_no_more_parameters_than_the_network_has(flags):
     args = train_parser().parse_args(flags)
     network = models.build_model(args, 10)
-    assert 0 < training.least_parameters(args) <= sum(p.numel() for p in network.parameters())
+    assert 0 < checks.least_parameters(args) <= sum(p.numel() for p in network.parameters())
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--gamma", "--weight_decay", "--feature_decay_rate", "--M", "--k"])
@@ -313,7 +316,7 @@ def test_the_largest_float32_is_accepted():
 def test_a_new_run_that_diverges_in_its_first_epoch_leaves_nothing_and_the_corrected_command_runs(tiny_argv, capsys):
     """--lr 1e308 (now refused by the parser; 1e30 diverges in its first epoch) left a half-made run
     that refused the corrected command without --force."""
-    assert "non-finite" in stopped(capsys, tiny_argv("lr", "--lr", "1e30"), utils.EXIT_BAD_INPUT)
+    assert "non-finite" in stopped(capsys, tiny_argv("lr", "--lr", "1e30"), base.EXIT_BAD_INPUT)
     assert nothing_under(tiny_argv.save_dir)
     run_dir = train_1st_order.main(tiny_argv("lr", "--lr", "0.05"))
     assert [e for e, _ in rundir.list_checkpoints(run_dir)] == [1, 2]
@@ -321,5 +324,5 @@ def test_a_new_run_that_diverges_in_its_first_epoch_leaves_nothing_and_the_corre
 
 def test_a_step_that_overflows_float32_stops_the_run_in_one_line(tiny_argv, capsys):
     """Adam's first step divides --lr by 1 - beta1 = 0.1: 1e38 / 0.1 is beyond float32."""
-    message = stopped(capsys, tiny_argv("adam", "--optimizer", "Adam", "--lr", "1e38"), utils.EXIT_BAD_INPUT)
+    message = stopped(capsys, tiny_argv("adam", "--optimizer", "Adam", "--lr", "1e38"), base.EXIT_BAD_INPUT)
     assert "overflowed float32 at epoch 1, batch 1" in message and "lower --lr" in message

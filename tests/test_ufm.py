@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-import ufm
+from nclib import ufm
+import ufm as ufm_script
 from conftest import refused
 
 SETTINGS = [  # (K, n, d, lambda_W, lambda_H, bias): c < 1; c < 1 unequal lambdas; no bias; c >= 1; d < K - 1
@@ -142,7 +143,7 @@ def test_rescaled_mse_at_lambda_times_M_is_mse_with_rescaled_variables():
 
 def spectrum_rows(capsys, *flags):
     """{(M, k): row} of the README's --spectrum setting (K 3, n 3, d 4, lambdas 0.01)."""
-    rows = ufm.main(["--spectrum", "--K", "3", "--n", "3", "--d", "4", "--lambda_W", "0.01", "--lambda_H", "0.01",
+    rows = ufm_script.main(["--spectrum", "--K", "3", "--n", "3", "--d", "4", "--lambda_W", "0.01", "--lambda_H", "0.01",
                      "--plot_dir", "", *flags])
     capsys.readouterr()
     for r in rows:  # the minimisers near the optimum are exactly the rotation orbit
@@ -180,7 +181,7 @@ def test_spectrum_matched_and_equal_lambdas_with_a_bias(capsys):
 
 def test_hessian_modes_refuse_what_does_not_fit_before_allocating(capsys, monkeypatch):
     for mode in ("--spectrum", "--saddle"):
-        line = refused(capsys, ufm.main, [mode, "--K", "100", "--n", "100", "--d", "100"])
+        line = refused(capsys, ufm_script.main, [mode, "--K", "100", "--n", "100", "--d", "100"])
         assert "1,010,100 variables" in line and "45,611.1 GiB" in line and "lower --K, --n or --d" in line, line
     need = ufm.HESSIAN_COPIES * 8 * ufm.variables(3, 3, 4, True) ** 2  # 51 variables
     monkeypatch.setattr(ufm, "HESSIAN_MAX_BYTES", need)
@@ -200,7 +201,7 @@ def test_first_order_optimisers_decrease_the_objective(optimizer):
 
 def test_the_script_writes_a_run_directory(tmp_path, capsys):
     out = tmp_path / "ufm_run"
-    ufm.main(["--K", "3", "--n", "4", "--d", "4", "--lambda_W", "0.01", "--lambda_H", "0.01", "--iters", "60",
+    ufm_script.main(["--K", "3", "--n", "4", "--d", "4", "--lambda_W", "0.01", "--lambda_H", "0.01", "--iters", "60",
               "--log_every", "5", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "closed form" in printed and "f - f*" in printed
@@ -218,7 +219,7 @@ def test_the_script_writes_a_run_directory(tmp_path, capsys):
 def test_plot_runs_draws_a_ufm_run(tmp_path):
     import plot_runs
     out = tmp_path / "ufm_run"
-    ufm.main(["--K", "3", "--n", "3", "--d", "3", "--optimizer", "GD", "--iters", "40", "--out", str(out)])
+    ufm_script.main(["--K", "3", "--n", "3", "--d", "3", "--optimizer", "GD", "--iters", "40", "--out", str(out)])
     written = plot_runs.main([str(out), "--out_dir", str(tmp_path / "figs")])
     assert any(p.endswith("NC1.png") for p in written) and all(os.path.exists(p) for p in written)
 
@@ -238,7 +239,7 @@ def test_plot_landscape_writes_its_figures(tmp_path):
     ["--loss", "Hinge"], ["--optimizer", "RMSprop"], ["--d", "0"],
 ])
 def test_bad_input_is_refused_in_one_line(capsys, argv):
-    refused(capsys, ufm.main, argv)
+    refused(capsys, ufm_script.main, argv)
 
 
 def test_bad_values_through_the_api():
@@ -254,7 +255,7 @@ def test_bad_values_through_the_api():
                                          (["--no-bias", "--d", "3", "--K", "4"], "d = 3 < K"),
                                          (["--lambda_b", "0.01"], "lambda_b")])
 def test_failed_assumptions_run_with_one_warning(tmp_path, capsys, extra, what):
-    ufm.main(["--n", "2", "--iters", "5", "--out", str(tmp_path / "run")] + extra)
+    ufm_script.main(["--n", "2", "--iters", "5", "--out", str(tmp_path / "run")] + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: ") and what in err[0], err
 

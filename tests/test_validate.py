@@ -7,10 +7,11 @@ import torch
 
 import datasets
 import models
-import nc
+from nclib import nc
 import rounding
 import validate_NC
 from conftest import load_pickle, train_tiny, unvalidated_copy
+from nclib import measure
 
 TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "60",
         "--lr", "0.05", "--device", "cpu", "--batch_size", "64"]
@@ -34,9 +35,9 @@ def load_info(run_dir):
 def test_info_pkl_has_every_key_and_one_entry_per_epoch(run_copy, capsys):
     validate_NC.main(["--load_path", str(run_copy), "--device", "cpu"])
     info = load_info(run_copy)
-    assert set(info) == set(validate_NC.INFO_KEYS) | {"epochs"}
+    assert set(info) == set(measure.INFO_KEYS) | {"epochs"}
     assert info["epochs"] == [1, 2, 3]
-    assert all(len(info[k]) == 3 for k in validate_NC.INFO_KEYS)
+    assert all(len(info[k]) == 3 for k in measure.INFO_KEYS)
     assert info["W"][0].shape == (10, 32) and info["H"][0].shape == (32, 10)
     assert info["all_cos_margin"][0].shape == (600,)  # 60 per class
     assert np.all(np.diff(info["all_cos_margin"][-1]) >= 0)
@@ -58,7 +59,7 @@ def test_validation_agrees_with_metrics_of_the_features_computed_directly(run_co
     # Validation runs the network with BatchNorm folded in: its metrics are exactly those of its features
     # (validation's one batch of 600, as here: the same kernels on the same shape give the same features;
     # 1e-9 leaves room for float64 sums only)...
-    logits, h = validate_NC.EvalForward(model)(x)
+    logits, h = measure.EvalForward(model)(x)
     direct = nc.nc_metrics(h, y, model.fc.weight, model.fc.bias)
     assert info["collapse_metric"][-1] == pytest.approx(direct["NC1"], rel=1e-9)
     assert info["ETF_metric"][-1] == pytest.approx(direct["NC2"], rel=1e-9)

@@ -1,6 +1,6 @@
 """The paper's runs: for each figure, its plot script and its runs by legend label and training
 flags. The run names are derived from the flags the way the authors named their runs, so their
-run directories are found under the same names. The runbook (experiments.py) and the five plot
+run directories are found under the same names. The runbook (nclib/runbook.py) and the five plot
 scripts read this table; nothing else lists the runs.
 
 Every run trains for 200 epochs with the training scripts' defaults for what the flags leave
@@ -11,6 +11,7 @@ train_2nd_order.py, and its run name says batch size 512, as their plot script e
 import shlex
 
 from args import train_parser
+from nclib.losses import get as get_loss
 
 EPOCHS = 200
 
@@ -57,10 +58,10 @@ def run_name(args):
     """The authors' name of a run, e.g. cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_10_sota_true."""
     def flag(value):
         return str(bool(value)).lower()
-    loss = {"MSE": "MSE", "RescaledMSE": "RMSE", "CrossEntropy": "CE"}[args.loss]
-    name = (f"{args.dataset}_{loss}_{args.optimizer}_bias_{flag(args.bias)}_batchsize_{args.batch_size}"
+    loss = get_loss(args.loss)
+    name = (f"{args.dataset}_{loss.tag}_{args.optimizer}_bias_{flag(args.bias)}_batchsize_{args.batch_size}"
             f"_ETFfc_{flag(args.ETF_fc)}_fixdim_{args.fixdim or 'false'}_sota_{flag(args.SOTA)}")
-    if args.loss == "RescaledMSE":
+    if loss.uses_M_k:
         name += f"_M_{args.M:g}_k_{args.k:g}"
     return name
 

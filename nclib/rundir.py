@@ -40,7 +40,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 import args
-from utils import UserError, atomic_write, load_json, save_json, save_pickle, save_torch
+from nclib.base import UserError, atomic_write, first_line, load_json, save_json, save_pickle, save_torch
 
 ARGS, TRAIN_LOG, LAST, PREVIOUS = "args.json", "train_log.txt", "last.pth", "previous.pth"
 INFO, TEST_LOG, RESULTS, METRICS = "info.pkl", "test_log.txt", "nc_results", "metrics.jsonl"
@@ -122,6 +122,9 @@ def _expected(action, same_dest, value):
         return None if any(value is a for a in allowed) else " or ".join(json.dumps(a) for a in allowed)
     if value is None and action.default is None:
         return None
+    if action.nargs in ("+", "*"):  # --measures: a list of strings
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "a list of strings"
     if action.choices is not None:
         return None if value in action.choices and isinstance(value, str) else \
             "one of " + ", ".join(map(str, action.choices))
@@ -193,7 +196,7 @@ def load_state(run_dir, warn=print):
             return state
         except Exception as e:
             if os.path.exists(path):
-                warn(f"warning: cannot resume from {path} ({str(e).splitlines()[0][:120]}); trying an older state")
+                warn(f"warning: cannot resume from {path} ({first_line(e, 120)}); trying an older state")
     return None
 
 

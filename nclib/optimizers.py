@@ -7,7 +7,7 @@ epoch, for LBFGS too.
 """
 import torch
 
-from utils import UserError
+from nclib.base import UserError
 
 FIRST_ORDER = ("SGD", "Adam")
 SECOND_ORDER = ("LBFGS",)
@@ -53,3 +53,14 @@ def make_scheduler(args, optimizer):
     if kind == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.gamma)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+
+def match_parameter_layout(optimizer):
+    """Give each optimiser state tensor its parameter's memory layout. A loaded state keeps the layout
+    it was saved in, and a run resumed with another (--deterministic switched: the ResNets become NCHW
+    instead of channels_last; or another device) would hand the fused GPU optimisers state whose
+    strides differ from their parameters'. The values are unchanged."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(value)

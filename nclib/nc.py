@@ -25,6 +25,8 @@ values like -21 or 9,740 where the true value is 0.5).
 """
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,9 @@ INFO_KEYS = {
 }
 
 
-# The other NC measures of the literature (validate_NC.py --measures): each name and the info.pkl
-# keys it writes. Their formulas and sources are in the docstrings of the functions below.
+# The other NC measures of the literature (--measures) are the Measures registered at the end of
+# this module, in MEASURES: each has a name, the info.pkl keys it writes and how it is computed (see
+# "More NC measures" below for their formulas and sources).
 #   trace_ratio       trace_ratio_metric  tr(Sigma_W) / tr(Sigma_B)                       (NC1 variant)
 #   cdnv              cdnv_metric         class-distance normalised variance, pair mean  (Galanti et al. 2022)
 #   within_class_var  within_class_var    tr(Sigma_W^k), a K-vector                       (per-class NC1)
@@ -49,11 +52,6 @@ INFO_KEYS = {
 #   max_angle         max_angle_M, max_angle_W     mean over pairs of |cos + 1/(K-1)|           (Papyan et al. 2020)
 #   self_duality      self_duality        || W/||W||_F - M_c^T/||M_c||_F ||_F^2                (Papyan et al. 2020)
 #   ncc               ncc_train, ncc_test share of samples whose prediction is the nearest class mean
-MEASURES = {
-    "trace_ratio": ("trace_ratio_metric",), "cdnv": ("cdnv_metric",), "within_class_var": ("within_class_var",),
-    "equinorm": ("equinorm_M", "equinorm_W"), "equiangular": ("equiangular_M", "equiangular_W"),
-    "max_angle": ("max_angle_M", "max_angle_W"), "self_duality": ("self_duality",), "ncc": ("ncc_train", "ncc_test"),
-}
 # The per-layer quantities (validate_NC.py --layers), under info.pkl's 'layers': {layer name: {these}}.
 LAYER_MEASURES = ("NC1", "trace_ratio", "ncc")
 
@@ -102,19 +100,6 @@ class NCStats:
         self.n += other.n
         self.sum += other.sum
 
-    def all_ranks(self):
-        """The statistics of every rank's samples, on every rank. Scatters about per-rank means
-        cannot simply be summed, so each rank's (n, sum, scatter) is gathered and merged in rank order."""
-        merged = None
-        for part in zip(*(_all_gather(t) for t in (self.n, self.sum, self.scatter, self.sq))):
-            stats = NCStats(self.K, self.sum.shape[1], self.sum.device)
-            stats.n, stats.sum, stats.scatter, stats.sq = (t.clone() for t in part)
-            if merged is None:
-                merged = stats
-            else:
-                merged.merge(stats)
-        return merged
-
     @property
     def N(self):
         return self.n.sum()
@@ -131,15 +116,6 @@ def _merge_terms(n_a, sum_a, n_b, sum_b):
     delta = sum_b / n_b.clamp(min=1)[:, None] - sum_a / n_a.clamp(min=1)[:, None]
     return delta, n_a * n_b / (n_a + n_b).clamp(min=1)
 
-
-def _all_gather(t):
-    import torch.distributed as dist
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
-
-
-# ---------------------------------------------------------------------------- the quantities
 
 def mu_c(stats):
     """Class means (K, d)."""
@@ -346,27 +322,92 @@ def ncc_agreement(H, pred, mu_c, chunk=8192):
     return (ncc_hits(H, pred, mu_c, chunk) / H.shape[0]).item()
 
 
-def more_metrics(stats, W, measures):
-    """The streamed measures of `measures` (names of MEASURES; ncc is not one: see ncc_hits) of a set of
-    statistics under the classifier W (K, d), by their info.pkl keys: floats, within_class_var a
-    (K,) float64 numpy array."""
-    W = W.detach().to(torch.float64)
-    means, centre = mu_c(stats), mu_G(stats)
-    M = M_c(means, centre)  # (d, K)
+class Quantities:
+    """What a measure may ask of one set of features: the streamed statistics `stats`, the classifier
+    W (K, d) (None at a layer inside the network), and, where they are kept, the features H (N, d),
+    their labels y (N,) and the network's predictions pred (N,). The derived quantities are computed
+    once, when first asked for."""
+
+    def __init__(self, stats, W=None, H=None, y=None, pred=None):
+        self.stats, self.H, self.y, self.pred = stats, H, y, pred
+        self.W = None if W is None else W.detach().to(torch.float64)  # (K, d)
+        self._cache = {}
+
+    def _get(self, name, compute):
+        if name not in self._cache:
+            self._cache[name] = compute()
+        return self._cache[name]
+
+    @property
+    def K(self):
+        return self.stats.K
+
+    @property
+    def mu_c(self):  # (K, d)
+        return self._get("mu_c", lambda: mu_c(self.stats))
+
+    @property
+    def mu_G(self):  # (d,)
+        return self._get("mu_G", lambda: mu_G(self.stats))
+
+    @property
+    def M(self):  # (d, K): M_c, the centred class means as columns
+        return self._get("M", lambda: M_c(self.mu_c, self.mu_G))
+
+    @property
+    def Sigma_W(self):  # (d, d)
+        return self._get("Sigma_W", lambda: Sigma_W(self.stats))
+
+    @property
+    def within_class_var(self):  # (K,)
+        return self._get("within_class_var", lambda: within_class_var(self.stats))
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One NC measure: `compute(q)`, q a Quantities, gives {info.pkl key: value} for each of `keys`
+    (floats, or numpy arrays). `per_layer`: it needs neither the classifier nor the predictions, so
+    --layers measures it at every layer too (under info.pkl's 'layers')."""
+    name: str
+    keys: tuple
+    compute: Callable
+    per_layer: bool = False
+    needs_features: bool = False  # it needs the kept features and predictions, not only the statistics
+
+
+MEASURES = {}
+
+
+def register(measure):
+    """Add a measure to the table: --measures (validation and in-run), --layers and ufm.py all find it."""
+    MEASURES[measure.name] = measure
+    return measure
+
+
+def more_metrics(stats, W, measures, H=None, y=None, pred=None):
+    """The measures named in `measures` (of MEASURES) of a set of statistics under the classifier W
+    (K, d), by their info.pkl keys. A measure of the kept features (ncc) is left out unless H, y and
+    pred are given."""
+    q = Quantities(stats, W, H, y, pred)
     out = {}
-    if "trace_ratio" in measures:
-        out["trace_ratio_metric"] = trace_ratio(torch.trace(Sigma_W(stats)), means, centre).item()
-    if "within_class_var" in measures or "cdnv" in measures:
-        var = within_class_var(stats)
-        if "within_class_var" in measures:
-            out["within_class_var"] = var.cpu().numpy()
-        if "cdnv" in measures:
-            out["cdnv_metric"] = cdnv(var, means).item()
-    for name, fn in (("equinorm", equinorm), ("equiangular", equiangularity), ("max_angle", max_angle)):
-        if name in measures:
-            out[f"{name}_M"], out[f"{name}_W"] = fn(M.T).item(), fn(W).item()
-    if "self_duality" in measures:
-        out["self_duality"] = self_duality(W, M).item()
+    for name in measures:
+        if H is not None or not MEASURES[name].needs_features:
+            out.update(MEASURES[name].compute(q))
+    return out
+
+
+def layer_result(H, y, num_classes, pred=None, measures=(), chunk=8192):
+    """A layer's entry under info.pkl's 'layers': layer_measures of its kept features H (N, d_l), and the
+    registered per-layer measures among `measures`, from statistics streamed over H in chunks."""
+    out = layer_measures(H, y, num_classes, pred, chunk)
+    extra = [m for m in measures if MEASURES[m].per_layer]
+    if extra:
+        stats = NCStats(num_classes, H.shape[1], H.device)
+        for start in range(0, H.shape[0], chunk):
+            stats.update(H[start:start + chunk], y[start:start + chunk])
+        q = Quantities(stats, None, H, y, pred)
+        for name in extra:
+            out.update(MEASURES[name].compute(q))
     return out
 
 
@@ -475,3 +516,26 @@ def topk_hits(logits, y, k=5):
     """(top-1 hits, top-k hits) of a batch, as a float64 tensor on its device (no sync)."""
     hit = logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]  # (B, k)
     return torch.stack([hit[:, 0].sum(), hit.sum()]).to(torch.float64)
+
+
+# ---------------------------------------------------------------------------- the measures of --measures
+
+def _within(q):
+    return {"within_class_var": q.within_class_var.cpu().numpy()}
+
+
+def _pairs(name, fn):
+    return lambda q: {f"{name}_M": fn(q.M.T).item(), f"{name}_W": fn(q.W).item()}
+
+
+register(Measure("trace_ratio", ("trace_ratio_metric",),
+                 lambda q: {"trace_ratio_metric": trace_ratio(torch.trace(q.Sigma_W), q.mu_c, q.mu_G).item()}))
+register(Measure("cdnv", ("cdnv_metric",), lambda q: {"cdnv_metric": cdnv(q.within_class_var, q.mu_c).item()}))
+register(Measure("within_class_var", ("within_class_var",), _within))
+register(Measure("equinorm", ("equinorm_M", "equinorm_W"), _pairs("equinorm", equinorm)))
+register(Measure("equiangular", ("equiangular_M", "equiangular_W"), _pairs("equiangular", equiangularity)))
+register(Measure("max_angle", ("max_angle_M", "max_angle_W"), _pairs("max_angle", max_angle)))
+register(Measure("self_duality", ("self_duality",), lambda q: {"self_duality": self_duality(q.W, q.M).item()}))
+# ncc_test is the test pass's (measure.evaluate): the test features are not kept
+register(Measure("ncc", ("ncc_train", "ncc_test"), lambda q: {"ncc_train": ncc_agreement(q.H, q.pred, q.mu_c)},
+                 needs_features=True))

@@ -41,12 +41,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-import rundir  # noqa: E402
-import runs as paper_runs  # noqa: E402
 from args import Parser, path, positive_int  # noqa: E402
-from nc import INFO_KEYS, LAYER_MEASURES  # noqa: E402
-from rundir import INFO, info_epochs  # noqa: E402
-from utils import UserError  # noqa: E402
+from nclib import rundir  # noqa: E402
+from nclib import runs as paper_runs  # noqa: E402
+from nclib.base import UserError, first_line  # noqa: E402
+from nclib.nc import INFO_KEYS, LAYER_MEASURES  # noqa: E402
+from nclib.rundir import INFO, info_epochs  # noqa: E402
 
 # (file name, quantity, y-axis label, log y axis); the quantity's info.pkl key is nc.INFO_KEYS[quantity]
 CURVES = tuple((name, INFO_KEYS[quantity], ylabel, log) for name, quantity, ylabel, log in (
@@ -98,7 +98,7 @@ def load_info(run_dir, label=None, hint=""):
     try:
         info = rundir.read_info(run_dir)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e, 120)
         raise UserError(f"{who}: cannot read {path} ({first}); rerun validate_NC.py on it")
     if not info_epochs(info):
         raise UserError(f"{who}: {path} holds no checkpoints; rerun validate_NC.py on it")
@@ -237,7 +237,7 @@ def draw_layers_vs_depth(info, quantity):
     for j, i in enumerate(picks):
         plot(range(len(names)), values[i], label=f"epoch {epochs[i]}", **_line_kwargs(j))
     ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 5 else 0)
-    _style_axes(ax, "Layer", LAYER_LABELS[quantity], [f"epoch {epochs[i]}" for i in picks])
+    _style_axes(ax, "Layer", LAYER_LABELS.get(quantity, quantity), [f"epoch {epochs[i]}" for i in picks])
     return fig
 
 
@@ -248,8 +248,14 @@ def draw_layers_vs_epoch(info, quantity, markevery=None):
     plot = ax.semilogy if quantity != "ncc" else ax.plot
     for j, name in enumerate(names):
         plot(epochs, values[:, j], label=name, markevery=marker_indices(epochs, markevery), **_line_kwargs(j))
-    _style_axes(ax, "Epoch", LAYER_LABELS[quantity], names)
+    _style_axes(ax, "Epoch", LAYER_LABELS.get(quantity, quantity), names)
     return fig
+
+
+def layer_quantities(info):
+    """The per-layer quantities a run holds: nc.LAYER_MEASURES, then those of registered per-layer measures."""
+    found = [q for layers in info["layers"] if layers for entry in layers.values() for q in entry]
+    return list(LAYER_MEASURES) + [q for q in dict.fromkeys(found) if q not in LAYER_MEASURES]
 
 
 def layer_figures(runs, markevery=None):
@@ -259,7 +265,7 @@ def layer_figures(runs, markevery=None):
         if not any(info.get("layers") or []):
             continue
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-        for quantity in LAYER_MEASURES:
+        for quantity in layer_quantities(info):
             figures.append((f"{stem}_layers_{quantity}_depth", draw_layers_vs_depth(info, quantity)))
             figures.append((f"{stem}_layers_{quantity}_epoch", draw_layers_vs_epoch(info, quantity, markevery)))
     return figures
