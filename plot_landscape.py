@@ -7,110 +7,19 @@ rescaled MSE: one heatmap per loss.
 W = scale * models.simplex_etf(K, K) (unit rows, W W^T = K/(K-1) (I - 11^T/K)), b = 0, class k = 0.
 h = ||h|| (cos(angle) w_0 + sin(angle) u), u the unit vector in the plane of w_0 and w_1 orthogonal
 to w_0 and on w_1's side: turning h away from w_0 turns it towards a competitor, the hardest way.
-The data term of one sample is ufm.per_sample_loss (MSE: 1/2 ||z - e_k||^2; rescaled MSE:
+The data term of one sample is nclib.ufm.per_sample_loss (MSE: 1/2 ||z - e_k||^2; rescaled MSE:
 1/2 [k (z_k - M)^2 + sum_{j != k} z_j^2]); --lambda_H adds lambda_H/2 ||h||^2. The white line is the
 best norm at each angle; the dashed line is where h stops being classified as class 0. The three
 panels share one colour scale and one set of contour levels, so that how steeply the loss rises
 can be compared across them.
 """
-import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from nclib import ufm  # noqa: E402
-from args import Parser, nonnegative_float, path, positive_float, positive_int  # noqa: E402
-from models import simplex_etf  # noqa: E402
-from nclib.base import UserError  # noqa: E402
-from nclib.cli import run_main  # noqa: E402
-
-PANELS = ("CrossEntropy", "MSE", "RescaledMSE")
-LOG_FLOOR = 1e-12  # added before log10: an exact zero of the loss stays drawable
-CONTOUR_LEVELS = 12
-MIN_POINTS, MAX_POINTS = 2, 1001  # a 2 x 2 grid is the least a mesh and contours take
-GRID_ARRAYS = 8  # landscape() holds about 6 (points^2, K) float64 arrays at its peak (measured)
-GRID_MAX_BYTES = 2 * 2**30
-
-
-def landscape(loss, K=4, M=3.0, k=5.0, scale=1.0, lambda_H=0.0, r_max=4.0, points=201):
-    """(norms (R,), angles (A,) in degrees, loss values (A, R)) of one class-0 feature."""
-    W = scale * simplex_etf(K, K).to(torch.float64)  # (K, K), unit rows times scale
-    w0 = W[0] / W[0].norm()
-    u = W[1] - (W[1] @ w0) * w0
-    u = u / u.norm()
-    norms = torch.linspace(0, r_max, points, dtype=torch.float64)
-    angles = torch.linspace(0, math.pi, points, dtype=torch.float64)
-    h = norms[None, :, None] * (torch.cos(angles)[:, None, None] * w0 + torch.sin(angles)[:, None, None] * u)  # (A, R, K)
-    z = h.reshape(-1, K) @ W.T  # logits, b = 0
-    y = torch.zeros(len(z), dtype=torch.int64)
-    values = ufm.per_sample_loss(z, y, loss, M, k).reshape(points, points) + lambda_H / 2 * norms[None, :] ** 2
-    correct = (z.argmax(1) == 0).reshape(points, points)
-    return norms.numpy(), np.degrees(angles.numpy()), values.numpy(), correct.numpy()
-
-
-def check_grid(points, K):
-    """Refuse, before allocating, a grid outside [MIN_POINTS, MAX_POINTS] or too large in memory."""
-    if not MIN_POINTS <= points <= MAX_POINTS:
-        raise UserError(f"--points {points}: the grid takes {MIN_POINTS} to {MAX_POINTS} points per axis "
-                        "(default 201)")
-    need, cap = GRID_ARRAYS * 8 * points ** 2 * K, ufm.allowed_bytes(GRID_MAX_BYTES)
-    if need > cap:
-        raise UserError(f"--points {points} with --K {K}: the grid needs {need / 2**30:.1f} GiB "
-                        f"({GRID_ARRAYS} arrays of points^2 x K float64), over the {cap / 2**30:.1f} GiB allowed: "
-                        "lower --points or --K")
-
-
-def log_loss(values):
-    return np.log10(values + LOG_FLOOR)
-
-
-def color_limits(panels):
-    """(vmin, vmax) of log10 loss over all panels: the one colour scale they share."""
-    logs = [log_loss(values) for _, _, values, _ in panels.values()]
-    return min(v.min() for v in logs), max(v.max() for v in logs)
-
-
-def figure(loss, panel, args, limits):
-    """One panel's figure, coloured on the shared scale `limits`."""
-    norms, angles, values, correct = panel
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    # rasterized: a vector PDF of a 1001 x 1001 mesh would take tens of MB
-    mesh = ax.pcolormesh(norms, angles, log_loss(values), shading="auto", cmap="viridis", vmin=limits[0],
-                         vmax=limits[1], rasterized=True)
-    fig.colorbar(mesh, ax=ax, label="log10 loss (one scale for all panels)")
-    levels = np.linspace(*limits, CONTOUR_LEVELS + 2)[1:-1]
-    ax.contour(norms, angles, log_loss(values), levels=levels, colors="k", linewidths=0.5, alpha=0.5)
-    ax.plot(norms[values.argmin(1)], angles, color="white", linewidth=2, label="best norm")
-    edge = angles[np.argmax(~correct[:, -1])] if (~correct[:, -1]).any() else None
-    if edge is not None:
-        ax.axhline(edge, color="red", linestyle="--", linewidth=1.5, label="misclassified beyond")
-    title = {"CrossEntropy": "cross-entropy", "MSE": "MSE", "RescaledMSE": f"rescaled MSE (M={args.M:g}, k={args.k:g})"}
-    ax.set_title(f"{title[loss]}, K={args.K}")
-    ax.set_xlabel(r"$\|h\|$")
-    ax.set_ylabel(r"angle between $h$ and $w_k$ (degrees)")
-    ax.legend(loc="lower right", fontsize=9)
-    return fig
-
-
-def draw(loss, panel, args, limits):
-    fig = figure(loss, panel, args, limits)
-    paths = []
-    for ext in ("png", "pdf"):
-        p = os.path.join(args.out_dir, f"landscape_{loss}.{ext}")
-        fig.savefig(p, bbox_inches="tight", dpi=100, metadata={"CreationDate": None} if ext == "pdf" else None)
-        paths.append(p)
-    plt.close(fig)
-    return paths
-
-
-def panels(args):
-    return {loss: landscape(loss, args.K, args.M, args.k, args.scale, args.lambda_H, args.r_max, args.points)
-            for loss in PANELS}
+from args import Parser, nonnegative_float, path, positive_float, positive_int
+from nclib.base import UserError
+from nclib.cli import run_main
+from nclib.landscape import (MAX_POINTS, MIN_POINTS, PANELS, check_grid, color_limits, draw, figure,  # noqa: F401
+                             log_loss, panels)
 
 
 def parser():

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
+import models
 from nclib import rundir
 from nclib.base import UserError, machine_memory
 from nclib.optimizers import parse_decay_type
@@ -75,13 +76,8 @@ def recorded(args):
 
 
 def least_parameters(args):
-    """A lower bound on the parameter count of the network the arguments describe, from its largest
-    weight tensors alone, computed without building it: sizes only the flags make large."""
-    if args.model == "MLP":  # its input is a flattened 3x32x32 image; then depth - 1 square layers
-        return 3 * 32 * 32 * args.width + (args.depth - 1) * args.width ** 2
-    if args.model == "ResNet18_adapt":  # three of layer4's 3x3 convolutions map 8k channels to 8k
-        return 3 * 9 * (8 * args.width) ** 2
-    return 512 * args.fixdim  # the last block's shortcut maps at least 512 channels to d
+    """A lower bound on the parameter count of the network the arguments describe (models.ModelSpec)."""
+    return models.least_parameters(args)
 
 
 def memory_bytes(device):
@@ -97,7 +93,7 @@ def check_fits(args, device):
     n = least_parameters(args)
     need, have = 2 * 4 * n, memory_bytes(device)
     if need > have:
-        sizes = {"MLP": ("width", "depth"), "ResNet18_adapt": ("width",)}.get(args.model, ("fixdim",))
+        sizes = models.MODELS[args.model].size_flags
         flags = " ".join(f"--{k} {getattr(args, k)}" for k in sizes)
         raise UserError(f"--model {args.model} {flags} has {n:.3g} parameters or more, whose weights and gradients "
                         f"alone take {need / 2 ** 30:,.0f} GiB, more than the {have / 2 ** 30:,.0f} GiB of {device}: "
