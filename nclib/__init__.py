@@ -1,1 +1,2 @@
-"""The library beneath the entry scripts; nclib/README-style map in the repository README ("How a run flows")."""
+"""The library beneath the entry scripts, one module per concept: the README's "Contents" and "How a
+run flows" say which module owns what."""
