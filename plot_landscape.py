@@ -28,6 +28,7 @@ from args import Parser, nonnegative_float, path, positive_float, positive_int  
 from models import simplex_etf  # noqa: E402
 from nclib.base import UserError  # noqa: E402
 from nclib.cli import run_main  # noqa: E402
+from nclib.losses import get as get_loss  # noqa: E402
 
 PANELS = ("CrossEntropy", "MSE", "RescaledMSE")
 LOG_FLOOR = 1e-12  # added before log10: an exact zero of the loss stays drawable
@@ -89,8 +90,7 @@ def figure(loss, panel, args, limits):
     edge = angles[np.argmax(~correct[:, -1])] if (~correct[:, -1]).any() else None
     if edge is not None:
         ax.axhline(edge, color="red", linestyle="--", linewidth=1.5, label="misclassified beyond")
-    title = {"CrossEntropy": "cross-entropy", "MSE": "MSE", "RescaledMSE": f"rescaled MSE (M={args.M:g}, k={args.k:g})"}
-    ax.set_title(f"{title[loss]}, K={args.K}")
+    ax.set_title(f"{get_loss(loss).describe(args.M, args.k)}, K={args.K}")
     ax.set_xlabel(r"$\|h\|$")
     ax.set_ylabel(r"angle between $h$ and $w_k$ (degrees)")
     ax.legend(loc="lower right", fontsize=9)

@@ -24,6 +24,23 @@ TINY_RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mni
             "--sample_size", "10", "--batch_size", "50", "--num_workers", "0", "--epochs", "2", "--nc_every", "0"]
 
 
+def tiny_run(**flags):
+    """TINY_RUN with some of its flags changed or added (tiny_run(sample_size=20, lr=0.05)), or left out
+    (epochs=None: the script's default). The one definition of the tests' small training runs."""
+    argv = list(TINY_RUN)
+    for name, value in flags.items():
+        flag = "--" + name
+        if flag in argv:
+            at = argv.index(flag)
+            del argv[at:at + 2]
+            if value is None:
+                continue
+            argv[at:at] = [flag, str(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for tiny models: on a small shared machine, two OpenMP threads contending
@@ -73,6 +90,43 @@ def fake_mini_imagenet(tmp_path_factory):
     Read-only: tests that damage files build their own."""
     root = tmp_path_factory.mktemp("mini_data")
     return str(root), fake_data.write_mini_imagenet(str(root / "mini_imagenet"))
+
+
+# ---------------------------------------------------------------------------- a dummy loss and a dummy measure
+
+class DummyL1Loss(torch.nn.Module):
+    """The dummy loss's module: the mean absolute difference from one-hot targets over all B*K entries."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, logits, y):
+        return (logits - torch.nn.functional.one_hot(y, self.num_classes).to(logits.dtype)).abs().mean()
+
+
+def dummy_l1_per_sample(z, y, M=1.0, k=1.0):
+    """sum_j |z_j - e_y,j| of each sample: K x DummyL1Loss per sample."""
+    return (z - torch.nn.functional.one_hot(y, z.shape[1]).to(z.dtype)).abs().sum(1)
+
+
+@pytest.fixture
+def dummy_loss(monkeypatch):
+    """A loss "Dummy" (tag DUM) registered in one place, losses.register, for one test: the entry is
+    removed afterwards (monkeypatch restores the table)."""
+    from nclib import losses
+    monkeypatch.setitem(losses.LOSSES, "Dummy", None)
+    return losses.register(losses.Loss("Dummy", "DUM", lambda K, M, k: DummyL1Loss(K), dummy_l1_per_sample,
+                                       lambda K: K, title=lambda M, k: f"dummy L1 (M={M:g})"))
+
+
+@pytest.fixture
+def dummy_measure(monkeypatch):
+    """A per-layer measure "dummy" (key dummy_metric = K / 4) registered in one place, nc.register, for
+    one test: the entry is removed afterwards."""
+    from nclib import nc
+    monkeypatch.setitem(nc.MEASURES, "dummy", None)
+    return nc.register(nc.Measure("dummy", ("dummy_metric",), lambda q: {"dummy_metric": q.K / 4}, per_layer=True))
 
 
 # ---------------------------------------------------------------------------- helpers the test modules share

@@ -328,3 +328,30 @@ def test_each_rank_gets_its_block_of_the_global_batch():
         return [y.tolist() for _, y in loader]
     one, r0, r1 = batches(None), batches((0, 2)), batches((1, 2))
     assert [a + b for a, b in zip(r0, r1)] == one
+
+
+# ---------------------------------------------------------------------------- in one process
+
+def test_decided_on_rank_zero_in_one_process_is_decides_value():
+    from nclib import distributed
+    assert distributed.decided_on_rank_zero(lambda: {"epoch": 3}) == {"epoch": 3}
+
+
+def test_decided_on_rank_zero_in_one_process_raises_decides_user_error_as_it_is():
+    from nclib import distributed
+    from nclib.base import RefusedOnRankZero, UserError
+    error = UserError("--resume: no run here")
+
+    def decide():
+        raise error
+    with pytest.raises(UserError) as e:
+        distributed.decided_on_rank_zero(decide)
+    assert e.value is error and not isinstance(e.value, RefusedOnRankZero)
+
+
+def test_measures_refused_under_torchrun(two_ranks, capsys, tmp_path):
+    import train_1st_order
+    line = refused(capsys, train_1st_order.main, RUN + ["--save_dir", str(tmp_path), "--uid", "r", "--measures", "cdnv"])
+    assert line == ("error: --measures are measured by one process: run without torchrun, or validate afterwards "
+                    "with validate_NC.py")
+    assert not (tmp_path / "r").exists()
