@@ -26,7 +26,8 @@ import train_1st_order
 from nclib import training
 import validate_NC
 from args import train_parser
-from conftest import REPO, TINY_RUN, load_pickle, refused, same
+from conftest import TINY_RUN
+from helpers import REPO, load_pickle, refused, same
 from nclib import base
 from nclib import cli
 from nclib import runbook

@@ -3,7 +3,7 @@ import pytest
 
 from nclib import cli
 from nclib.base import UserError
-from conftest import refused
+from helpers import refused
 
 
 def test_a_user_error_is_one_line_and_exit_status_2(capsys):

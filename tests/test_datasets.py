@@ -14,7 +14,7 @@ from PIL import Image
 import datasets
 import fake_data
 import harness
-from conftest import REPO
+from helpers import REPO
 from nclib.base import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -599,7 +599,7 @@ def load_sample_again():
 
 
 def test_the_cached_sample_is_byte_identical_to_the_resize(small_sample, monkeypatch):
-    from conftest import same
+    from helpers import same
     expected = expected_sample(small_sample)
     assert same(load_sample_again(), expected) and os.path.isfile(sample_cache(small_sample))
 
@@ -624,7 +624,7 @@ def rewrite_pixels(path, keep_mtime):
 
 @pytest.mark.parametrize("change", ["touched", "rewritten", "rewritten_same_size_and_mtime"])
 def test_a_changed_sample_is_resized_again(small_sample, resizes, change):
-    from conftest import same
+    from helpers import same
     load_sample_again()
     assert resizes[0] == 1
     if change == "touched":
@@ -647,7 +647,7 @@ def test_the_sample_s_split_is_part_of_the_key(small_sample, resizes, monkeypatc
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "byte_flipped", "garbage", "other_format", "wrong_shape"])
 def test_a_damaged_cache_is_ignored_and_rewritten(small_sample, resizes, damage, monkeypatch):
-    from conftest import same
+    from helpers import same
     load_sample_again()
     cache = sample_cache(small_sample)
     with open(cache, "rb") as f:
@@ -685,7 +685,7 @@ def test_a_damaged_cache_is_ignored_and_rewritten(small_sample, resizes, damage,
 
 
 def test_an_unwritable_folder_falls_back_to_memory(small_sample, resizes, monkeypatch, capsys):
-    from conftest import same
+    from helpers import same
     import tempfile
     folder = os.path.dirname(small_sample)
     os.chmod(folder, 0o555)
@@ -706,7 +706,7 @@ def test_an_unwritable_folder_falls_back_to_memory(small_sample, resizes, monkey
 
 
 def test_a_failed_write_keeps_the_old_cache_and_leaves_no_file(small_sample, monkeypatch, capsys):
-    from conftest import same
+    from helpers import same
     load_sample_again()
     cache = sample_cache(small_sample)
     with open(cache, "rb") as f:
@@ -725,7 +725,7 @@ def test_a_failed_write_keeps_the_old_cache_and_leaves_no_file(small_sample, mon
 
 
 def test_mnist_is_cached_beside_its_files_and_rekeyed_by_them(fake_mnist, monkeypatch):
-    from conftest import same
+    from helpers import same
     root, arrays = fake_mnist
     expected = (datasets._mnist_to_32x32x3(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
                 datasets._mnist_to_32x32x3(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
@@ -769,7 +769,7 @@ def test_a_warm_start_does_not_import_torchvision(small_sample, tmp_path):
 
 @pytest.mark.slow
 def test_starts_killed_or_at_once_never_leave_a_cache_that_is_read_as_valid(small_sample, tmp_path):
-    from conftest import same
+    from helpers import same
     script = tmp_path / "load.py"
     script.write_text(WARM_START.format(repo=REPO, per_class=SAMPLE_TRAIN_PER_CLASS))
     killed = subprocess.run(harness.command(script, small_sample, kill="before_rename@1"), capture_output=True,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rounding
-from conftest import REPO, TESTS, load_pickle, refused
+from helpers import REPO, TESTS, load_pickle, refused
 from nclib import base
 from nclib import cli
 from nclib import measure

@@ -14,7 +14,7 @@ import plot_runs
 from nclib import rundir
 import train_1st_order
 import validate_NC
-from conftest import REPO, load_pickle, refused, same
+from helpers import REPO, load_pickle, refused, same
 from nclib import measure
 
 EPOCHS = 5

@@ -13,7 +13,7 @@ import torch
 import models
 from nclib import nc
 import validate_NC
-from conftest import refused, train_tiny, unvalidated_copy
+from helpers import refused, train_tiny, unvalidated_copy
 from models import simplex_etf
 from nclib.base import UserError
 from nclib import measure
@@ -362,3 +362,30 @@ def test_equinorm_is_the_population_std_over_the_mean():
     sample = norms.std(correction=1) / norms.mean()
     ratio = (sample / nc.equinorm(torch.diag(norms))).item()
     assert ratio == pytest.approx(math.sqrt(10 / 9), rel=1e-14) and round(100 * (ratio - 1), 1) == 5.4
+
+
+# ---------------------------------------------------------------------------- a measure registered in one place
+
+def test_all_measures_include_a_registered_one(dummy_measure):
+    assert measure.parse_measures(["all"]) == tuple(nc.MEASURES) and measure.parse_measures(["all"])[-1] == "dummy"
+    assert measure.parse_measures(["dummy"]) == ("dummy",)
+    assert "dummy_metric" in measure.extra_keys()
+
+
+def test_a_registered_measure_is_measured_by_validate_NC_and_at_every_layer(dummy_measure, run_copy):
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "dummy"])
+    info = pickle.loads(info_bytes(run_copy))
+    assert info["epochs"] == [1, 2] and info["dummy_metric"] == [2.5, 2.5]  # K / 4
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "dummy", "--layers"])
+    info = pickle.loads(info_bytes(run_copy))
+    assert info["dummy_metric"] == [2.5, 2.5]
+    for layers in info["layers"]:
+        assert list(layers) == ["hidden1", "h"] and all(entry["dummy_metric"] == 2.5 for entry in layers.values())
+
+
+def test_a_registered_measure_is_measured_in_run(dummy_measure, tiny_argv):
+    import train_1st_order
+    train_1st_order.main(tiny_argv("measured", "--measures", "dummy", "--nc_every", "1"))
+    with open(tiny_argv.save_dir / "measured" / "info.pkl", "rb") as f:
+        info = pickle.load(f)
+    assert info["epochs"] == [1, 2] and info["dummy_metric"] == [2.5, 2.5]

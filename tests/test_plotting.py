@@ -350,3 +350,30 @@ def test_run_names_are_the_authors():
         "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_1_k_15"
     assert list(runs.figure_runs("M").values())[-1] == \
         "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_10_k_1"
+
+
+# ---------------------------------------------------------------------------- a loss and a measure registered in one place
+
+def test_the_landscape_title_is_the_registered_loss_description(dummy_loss):
+    import matplotlib.pyplot as plt
+    import plot_landscape
+    args = plot_landscape.parser().parse_args(["--M", "2", "--points", "11"])
+    for loss, title in (("Dummy", "dummy L1 (M=2), K=4"), ("RescaledMSE", "rescaled MSE (M=2, k=5), K=4"),
+                        ("CrossEntropy", "cross-entropy, K=4"), ("MSE", "MSE, K=4")):
+        panel = plot_landscape.landscape(loss, args.K, args.M, args.k, points=args.points)
+        fig = plot_landscape.figure(loss, panel, args, plot_landscape.color_limits({loss: panel}))
+        assert fig.axes[0].get_title() == title
+        plt.close(fig)
+
+
+def test_a_registered_per_layer_measure_gets_its_layer_figures(dummy_measure):
+    import matplotlib.pyplot as plt
+    names = ["hidden1", "h"]
+    info = {"epochs": [1, 2], "layer_names": [names] * 2,
+            "layers": [{n: {"NC1": 1.0 / e, "trace_ratio": 0.1 / e, "ncc": 0.9, "dummy_metric": 2.5} for n in names}
+                       for e in (1, 2)]}
+    figures = dict(plotting.layer_figures([("run a", info)]))
+    for view in ("depth", "epoch"):
+        assert figures[f"run_a_layers_dummy_metric_{view}"] is not None
+    for fig in figures.values():
+        plt.close(fig)

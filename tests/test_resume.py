@@ -22,7 +22,7 @@ from nclib import rundir
 import train_1st_order
 import train_2nd_order
 import validate_NC
-from conftest import REPO, load_pickle, refused, same
+from helpers import REPO, load_pickle, refused, same
 from nclib import base
 
 pytestmark = pytest.mark.slow  # processes of their own; see pytest.ini

@@ -12,7 +12,7 @@ import fake_data
 import harness
 from nclib import rundir
 from nclib import runs
-from conftest import load_pickle, refused, same
+from helpers import load_pickle, refused, same
 from nclib import runbook
 
 pytestmark = pytest.mark.slow  # trains real runs in processes of their own

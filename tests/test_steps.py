@@ -16,7 +16,7 @@ import train_2nd_order
 from nclib import training
 import utils
 from args import train_parser
-from conftest import REPO, refused
+from helpers import REPO, refused
 from nclib.losses import lbfgs_penalty
 from nclib import steps
 

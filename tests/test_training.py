@@ -22,7 +22,8 @@ import train_2nd_order
 from nclib import training
 import utils
 from args import train_parser
-from conftest import REPO, TINY_RUN, refused
+from conftest import TINY_RUN
+from helpers import REPO, refused
 from nclib import steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")

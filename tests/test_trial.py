@@ -19,7 +19,8 @@ from nclib import rundir
 import train_1st_order
 from nclib import training
 from args import FLOAT32_MAX, train_parser
-from conftest import TINY_RUN, refused, same
+from conftest import TINY_RUN
+from helpers import refused, same
 from nclib import base
 from nclib import checks
 from nclib import cli

@@ -9,7 +9,7 @@ import torch
 
 from nclib import ufm
 import ufm as ufm_script
-from conftest import refused
+from helpers import refused
 
 SETTINGS = [  # (K, n, d, lambda_W, lambda_H, bias): c < 1; c < 1 unequal lambdas; no bias; c >= 1; d < K - 1
     (4, 5, 8, 0.01, 0.01, True),
@@ -284,3 +284,27 @@ def test_plot_landscape_panels_share_one_colour_scale():
         fig = plot_landscape.figure(loss, panel, args, limits)
         assert fig.axes[0].collections[0].get_clim() == limits, loss
         plt.close(fig)
+
+
+def test_the_script_runs_a_registered_loss_whose_data_term_is_the_mean_of_its_per_sample(dummy_loss, tmp_path, capsys):
+    out = tmp_path / "ufm_dummy"
+    theta, results = ufm_script.main(["--loss", "Dummy", "--K", "3", "--n", "4", "--d", "4", "--optimizer", "GD",
+                                      "--iters", "20", "--log_every", "5", "--out", str(out)])
+    assert "closed form: only for MSE (this run: Dummy)" in capsys.readouterr().out
+    assert os.path.exists(out / "info.pkl") and max(results) == 20
+    model = ufm.UFM(3, 4, 4, 5e-3, 5e-3, loss="Dummy")
+    W, H, b = model.split(theta)
+    logits = (W @ H + b[:, None]).T
+    assert model.data_term(W, H, b).item() == pytest.approx(dummy_loss.per_sample(logits, model.y).mean().item(),
+                                                            rel=1e-12)
+
+
+def test_the_script_writes_a_registered_measure_in_info_pkl_and_its_log(dummy_measure, tmp_path):
+    out = tmp_path / "ufm_measured"
+    ufm_script.main(["--K", "3", "--n", "4", "--d", "4", "--iters", "10", "--log_every", "5", "--measures", "dummy",
+                     "--out", str(out)])
+    with open(out / "info.pkl", "rb") as f:
+        info = pickle.load(f)
+    assert info["epochs"] == [0, 5, 10] and info["dummy_metric"] == [0.75, 0.75, 0.75]  # K / 4
+    logged = (out / "test_log.txt").read_text().strip().splitlines()
+    assert len(logged) == 3 and all(line.endswith(" | dummy_metric 0.75") for line in logged), logged

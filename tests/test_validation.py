@@ -10,7 +10,7 @@ import models
 from nclib import nc
 import rounding
 import validate_NC
-from conftest import load_pickle, train_tiny, unvalidated_copy
+from helpers import load_pickle, train_tiny, unvalidated_copy
 from nclib import measure
 
 TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "60",
