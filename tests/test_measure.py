@@ -202,7 +202,6 @@ def test_layer_measures_vanish_on_an_exact_collapse():
     assert abs(out["NC1"]) < 1e-12 and abs(out["trace_ratio"]) < 1e-12 and out["ncc"] == 1.0
 
 
-
 @pytest.mark.parametrize("model", [models.MLP(hidden=16, depth=3, num_classes=4),
                                    models.ResNet18_adapt(width=4, num_classes=4)])
 def test_layer_hooks_give_the_models_h_at_the_penultimate_layer(model):
@@ -334,21 +333,6 @@ def test_plot_runs_refuses_a_key_that_is_not_a_scalar_per_epoch(tmp_path, capsys
     for key in ("W", "no_such_key"):
         line = refused(capsys, plot_runs.main, [str(tmp_path / "a"), "--keys", key, "--out_dir", str(tmp_path / "f")])
         assert f"--keys {key}: no run has it" in line and "cdnv_metric" in line
-
-
-@pytest.mark.slow
-def test_validate_bench_prints_the_measures_overhead_last():
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = ["--width", "64", "--depth", "2", "--num_samples", "500", "--num_workers", "0", "--device", "cpu",
-             "--measures", "all", "--layers", "--repeats", "1"]
-    out = subprocess.run([sys.executable, "bench/validate.py", *flags], cwd=repo, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    assert any(line.startswith("ratio: ") for line in lines) and lines[-1].startswith("measures_overhead: ")
-    float(lines[-1].split()[1])
 
 
 def test_equinorm_is_the_population_std_over_the_mean():
