@@ -79,3 +79,41 @@ def same(a, b):
     if isinstance(a, float) and a != a:
         return isinstance(b, float) and b != b
     return type(a) is type(b) and a == b
+
+
+def fake_info(epochs=30, n_samples=2000, seed=0, speed=1.0):
+    """An info.pkl dict shaped like validate_NC.py's: NC curves that decay with training (faster
+    for larger `speed`, with drops at the learning-rate steps), rising accuracies and margins."""
+    rng = np.random.default_rng(seed)
+    e = np.arange(1, epochs + 1)
+    steps = 1 + 3 * np.floor(e * 200 / epochs / 40)  # StepLR drops, on the 200-epoch clock
+    decay = np.exp(-speed * e * 6 / epochs) / steps  # 1 -> ~0.001
+    noise = lambda scale: 1 + scale * rng.standard_normal(epochs)
+    margins = (0.9 - 0.1 * speed) * (1 - decay) - 0.1 * decay
+    K, d = 10, 16
+    info = {
+        "epochs": e.tolist(),
+        "collapse_metric": (3.0 * decay * noise(0.05) + 1e-3).tolist(),
+        "ETF_metric": (0.9 * decay * noise(0.05) + 0.05).tolist(),
+        "WH_relation_metric": (1.1 * decay * noise(0.05) + 0.08).tolist(),
+        "Wh_b_relation_metric": (0.5 * decay * noise(0.1) + 0.01).tolist(),
+        "train_acc1": (100 - 90 * decay).tolist(),
+        "train_acc5": (100 - 50 * decay).tolist(),
+        "test_acc1": (80 - 70 * decay - 2 * speed).tolist(),
+        "test_acc5": (98 - 40 * decay).tolist(),
+        "avg_cos_margin": margins.tolist(),
+        "nuclear_metric": (1 + 2.5 * decay).tolist(),
+        "all_cos_margin": [np.sort(rng.normal(m, 0.1 + 0.05 * speed + 0.3 * dk, n_samples)) for m, dk in zip(margins, decay)],
+        "W": [rng.standard_normal((K, d)) for _ in e], "b": [rng.standard_normal(K) for _ in e],
+        "H": [rng.standard_normal((d, K)) for _ in e], "mu_G_train": [rng.standard_normal(d) for _ in e],
+        "mu_G_test": [rng.standard_normal(d) for _ in e],
+    }
+    return info
+
+
+def write_run(root, name, epochs=30, **kwargs):
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(fake_info(epochs, **kwargs), f)
+    return run_dir

@@ -1,14 +1,9 @@
-"""The plot scripts, plot_runs.py and the experiments.py runbook, on synthetic info.pkl files."""
+"""nclib/plotting.py and the plot scripts (plot_*.py, plot_runs.py), on synthetic info.pkl files."""
 import os
-import pickle
 import re
-import shlex
 
-import numpy as np
 import pytest
 
-import args as args_module
-import experiments
 import plot_dk_mse
 import plot_etf_mse
 import plot_k_rmse
@@ -19,49 +14,11 @@ from nclib import plotting
 from nclib import runs
 from nclib.base import UserError
 from nclib.cli import run_main
-from nclib import runbook
+from helpers import fake_info, write_run
 
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
                   "k": plot_k_rmse}
 PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF"
-
-
-def fake_info(epochs=30, n_samples=2000, seed=0, speed=1.0):
-    """An info.pkl dict shaped like validate_NC.py's: NC curves that decay with training (faster
-    for larger `speed`, with drops at the learning-rate steps), rising accuracies and margins."""
-    rng = np.random.default_rng(seed)
-    e = np.arange(1, epochs + 1)
-    steps = 1 + 3 * np.floor(e * 200 / epochs / 40)  # StepLR drops, on the 200-epoch clock
-    decay = np.exp(-speed * e * 6 / epochs) / steps  # 1 -> ~0.001
-    noise = lambda scale: 1 + scale * rng.standard_normal(epochs)
-    margins = (0.9 - 0.1 * speed) * (1 - decay) - 0.1 * decay
-    K, d = 10, 16
-    info = {
-        "epochs": e.tolist(),
-        "collapse_metric": (3.0 * decay * noise(0.05) + 1e-3).tolist(),
-        "ETF_metric": (0.9 * decay * noise(0.05) + 0.05).tolist(),
-        "WH_relation_metric": (1.1 * decay * noise(0.05) + 0.08).tolist(),
-        "Wh_b_relation_metric": (0.5 * decay * noise(0.1) + 0.01).tolist(),
-        "train_acc1": (100 - 90 * decay).tolist(),
-        "train_acc5": (100 - 50 * decay).tolist(),
-        "test_acc1": (80 - 70 * decay - 2 * speed).tolist(),
-        "test_acc5": (98 - 40 * decay).tolist(),
-        "avg_cos_margin": margins.tolist(),
-        "nuclear_metric": (1 + 2.5 * decay).tolist(),
-        "all_cos_margin": [np.sort(rng.normal(m, 0.1 + 0.05 * speed + 0.3 * dk, n_samples)) for m, dk in zip(margins, decay)],
-        "W": [rng.standard_normal((K, d)) for _ in e], "b": [rng.standard_normal(K) for _ in e],
-        "H": [rng.standard_normal((d, K)) for _ in e], "mu_G_train": [rng.standard_normal(d) for _ in e],
-        "mu_G_test": [rng.standard_normal(d) for _ in e],
-    }
-    return info
-
-
-def write_run(root, name, epochs=30, **kwargs):
-    run_dir = os.path.join(root, name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
-        pickle.dump(fake_info(epochs, **kwargs), f)
-    return run_dir
 
 
 def table(plot_module):
@@ -209,147 +166,6 @@ def test_plot_runs_any_set(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- experiments.py
-
-UID = re.compile(r"^(cifar10|mini_imagenet)_(MSE|RMSE)_(SGD|Adam|LBFGS)_bias_(true|false)_batchsize_(\d+)"
-                 r"_ETFfc_(true|false)_fixdim_(false|\d+)_sota_(true|false)(?:_M_(\d+)_k_(\d+))?$")
-
-
-def expected_from_uid(uid):
-    """The settings a run name spells out, as the training parser's attributes."""
-    m = UID.match(uid)
-    assert m, uid
-    dataset, loss, opt, bias, bs, etf, fixdim, sota, M, k = m.groups()
-    return {"dataset": dataset, "loss": {"MSE": "MSE", "RMSE": "RescaledMSE"}[loss], "optimizer": opt,
-            "bias": bias == "true", "batch_size": int(bs), "ETF_fc": etf == "true",
-            "fixdim": 0 if fixdim == "false" else int(fixdim), "SOTA": sota == "true",
-            "M": float(M or 1), "k": float(k or 1), "uid": uid}
-
-
-LR = {("cifar10", "SGD"): 0.05, ("cifar10", "Adam"): 0.001, ("cifar10", "LBFGS"): 0.1, ("mini_imagenet", "SGD"): 0.01}
-
-
-def commands(argv, capsys):
-    experiments.main(argv)
-    lines = capsys.readouterr().out.splitlines()
-    return [shlex.split(line) for line in lines if not line.startswith("#")], lines
-
-
-@pytest.mark.parametrize("figure", list(FIGURE_SCRIPTS))
-@pytest.mark.parametrize("every_checkpoint", [False, True])
-def test_runbook_commands_parse(figure, every_checkpoint, tmp_path, capsys):
-    module = FIGURE_SCRIPTS[figure]
-    for root in ("model_weights", str(tmp_path / "runs")):
-        cmds, _ = commands(["--figure", figure, "--root", root] + ["--every_checkpoint"] * every_checkpoint, capsys)
-        trained, validated = [], []
-        for cmd in cmds[:-1]:
-            assert cmd[0] == "python"
-            if cmd[1] == "validate_NC.py":
-                v = args_module.validate_parser().parse_args(cmd[2:])
-                assert v.batch_size == 1024 and os.path.dirname(v.load_path) == root
-                validated.append(os.path.basename(v.load_path))
-                continue
-            assert cmd[1] in ("train_1st_order.py", "train_2nd_order.py")
-            a = args_module.train_parser("LBFGS" if cmd[1] == "train_2nd_order.py" else "SGD").parse_args(cmd[2:])
-            assert (a.optimizer == "LBFGS") == (cmd[1] == "train_2nd_order.py")
-            for key, value in expected_from_uid(a.uid).items():
-                assert getattr(a, key) == value, (a.uid, key)
-            assert a.lr == LR[a.dataset, a.optimizer]
-            assert (a.epochs, a.weight_decay, a.seed, a.patience, a.gamma) == (200, 5e-4, 6, 40, 0.1)
-            assert a.save_dir == root and not a.resume
-            if a.optimizer == "LBFGS":
-                assert a.history_size == 10 and a.batch_size == 512
-            # by default a run measures itself and keeps every 50th checkpoint; else the authors' two steps
-            assert (a.nc_every, a.save_every) == ((0, 1) if every_checkpoint else (1, 50))
-            trained.append(a.uid)
-        assert trained == list(table(module).values())
-        assert validated == (trained if every_checkpoint else [])
-        last = cmds[-1]
-        assert last[:2] == ["python", f"{module.__name__}.py"]
-        assert last[2:] == ([] if root == "model_weights" else ["--root", root])
-
-
-def test_runbook_all_lists_each_run_once(capsys):
-    cmds, lines = commands(["--figure", "all"], capsys)
-    uids = [c[c.index("--uid") + 1] for c in cmds if "--uid" in c]
-    every = {name for module in FIGURE_SCRIPTS.values() for name in table(module).values()}
-    assert sorted(uids) == sorted(every)
-    assert len(every) == 3 + 4 + 4 + 5 + 3  # etf's learned d=10 is dk's d=10; M=1,k=1 is in both rescaled figures
-    assert [c[1] for c in cmds if c[1].startswith("plot_")] == [f"{m.__name__}.py" for m in FIGURE_SCRIPTS.values()]
-
-
-def test_runbook_skips_complete_and_resumes_partial(tmp_path, capsys):
-    root = tmp_path / "runs"
-    sgd, adam, lbfgs = table(plot_optim_mse).values()
-    write_run(root, sgd, epochs=200)  # complete
-    write_run(root, adam, epochs=30)  # validated part-way, training stopped at 30
-    (root / adam / "args.json").write_text("{}")
-    os.makedirs(root / lbfgs)
-    (root / lbfgs / "args.json").write_text("{}")
-    (root / lbfgs / "epoch_200.pth").write_bytes(b"")  # trained, not validated
-    cmds, lines = commands(["--figure", "optim", "--root", str(root), "--gpu_id", "1", "--every_checkpoint"], capsys)
-    assert any(line.startswith("#") and sgd in line and "skipped" in line for line in lines)
-    assert not any(sgd in " ".join(c) for c in cmds)
-    adam_train = [c for c in cmds if c[1] == "train_1st_order.py"]
-    assert len(adam_train) == 1 and adam_train[0][adam_train[0].index("--uid") + 1] == adam
-    a = args_module.train_parser().parse_args(adam_train[0][2:])
-    assert a.resume and a.gpu_id == 1
-    assert not any(c[1] == "train_2nd_order.py" for c in cmds)
-    validated = [os.path.basename(c[c.index("--load_path") + 1]) for c in cmds if c[1] == "validate_NC.py"]
-    assert validated == [adam, lbfgs]
-    # by default the resumed run measures itself: only the run trained without measuring is validated
-    cmds, _ = commands(["--figure", "optim", "--root", str(root)], capsys)
-    validated = [os.path.basename(c[c.index("--load_path") + 1]) for c in cmds if c[1] == "validate_NC.py"]
-    assert validated == [lbfgs] and sum(c[1] == "train_1st_order.py" for c in cmds) == 1
-
-
-def test_runbook_smoke_epochs(tmp_path, capsys):
-    root = tmp_path / "runs"
-    write_run(root, table(plot_k_rmse)[r"$\alpha=5$"], epochs=2)  # complete for a 2-epoch smoke test
-    cmds, _ = commands(["--figure", "k", "--root", str(root), "--epochs", "2", "--every_checkpoint"], capsys)
-    train = [args_module.train_parser().parse_args(c[2:]) for c in cmds if c[1] == "train_1st_order.py"]
-    valid = [args_module.validate_parser().parse_args(c[2:]) for c in cmds if c[1] == "validate_NC.py"]
-    assert len(train) == len(valid) == 3 and all(a.epochs == 2 for a in train + valid)
-    # the same run is not complete for the full 200 epochs: it is listed again
-    cmds, _ = commands(["--figure", "k", "--root", str(root)], capsys)
-    assert sum(c[1] == "train_1st_order.py" for c in cmds) == 4
-
-
-def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
-    calls = []
-
-    def fake_run(self, cmd, log=None, env=None):
-        calls.append(cmd)
-        return 1 if len(calls) == 3 else 0  # the second run's training fails
-
-    monkeypatch.setattr(runbook.Children, "run", fake_run)
-    with pytest.raises(SystemExit) as e:
-        run_main(experiments.main, ["--figure", "etf", "--root", str(tmp_path), "--run", "--every_checkpoint"])
-    scripts = [os.path.basename(c[1]) for c in calls]
-    # each run trains then validates; the failed one is not validated; the figure is not drawn
-    assert scripts == ["train_1st_order.py", "validate_NC.py", "train_1st_order.py"] + \
-        ["train_1st_order.py", "validate_NC.py"] * 2
-    assert e.value.code == 2
-    out, err = capsys.readouterr()
-    assert "FAILED (exit 1)" in out and out.count("finished:") == 6
-    table = out[out.index("run "):].splitlines()
-    assert len(table) == 5 and sum("failed" in line for line in table) == 1
-    assert err.startswith("error: 1 of 4 steps failed") and err.count("\n") == 1
-
-
-def test_run_names_are_the_authors():
-    """The run directories the authors' plot scripts read, spelled out: runs.py derives them from the flags."""
-    assert runs.figure_runs("optim") == {
-        "SGD": "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_false",
-        "Adam": "cifar10_MSE_Adam_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_false",
-        "LBFGS": "cifar10_MSE_LBFGS_bias_true_batchsize_512_ETFfc_false_fixdim_false_sota_false",
-    }
-    assert runs.figure_runs("etf")["fixed ETF, $d=10$"] == \
-        "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_true_fixdim_10_sota_true"
-    assert runs.figure_runs("dk")["$d=512$"] == "cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_512_sota_true"
-    assert runs.figure_runs("k")[r"$\alpha=15$"] == \
-        "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_1_k_15"
-    assert list(runs.figure_runs("M").values())[-1] == \
-        "mini_imagenet_RMSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_true_M_10_k_1"
 
 
 # ---------------------------------------------------------------------------- a loss and a measure registered in one place
