@@ -1,6 +1,5 @@
 """Optimisers, the two training scripts end to end, and their refusals of bad input."""
 import argparse
-import copy
 import json
 import os
 import re
@@ -13,18 +12,13 @@ import pytest
 import torch
 
 import fake_data
-from nclib import losses
 import models
-from nclib import optimizers
 from nclib import rundir
 import train_1st_order
 import train_2nd_order
-from nclib import training
-import utils
 from args import train_parser
 from conftest import TINY_RUN
 from helpers import REPO, refused
-from nclib import steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,143 +26,6 @@ K = 3
 
 
 # ---------------------------------------------------------------------------- optimisers
-
-def tiny_setup(*flags, default="SGD"):
-    """An MLP on 12 fixed random images of 3 classes: (args, model, optimizer, objective, x, y)."""
-    torch.manual_seed(0)
-    args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
-    model = models.build_model(args, K)
-    optimizer = utils.make_optimizer(args, model)
-    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
-    x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
-    return args, model, optimizer, objective, x, y
-
-
-def full_loss(objective, x, y, params=(), weight_decay=0.0):
-    with torch.no_grad():
-        return (objective(x, y)[0] + (losses.lbfgs_penalty(0.0, params, weight_decay) if params else 0.0)).item()
-
-
-@pytest.mark.parametrize("flags", [["--optimizer", "SGD", "--lr", "0.05"], ["--optimizer", "Adam", "--lr", "0.001"],
-                                   ["--optimizer", "SGD", "--lr", "0.05", "--sep_decay"],
-                                   ["--optimizer", "SGD", "--lr", "0.05", "--loss", "RescaledMSE", "--M", "3"],
-                                   ["--optimizer", "Adam", "--lr", "0.001", "--loss", "CrossEntropy"]])
-def test_first_order_step_lowers_the_loss(flags):
-    args, model, optimizer, objective, x, y = tiny_setup(*flags)
-    before = full_loss(objective, x, y)
-    for _ in range(5):
-        loss, logits = steps.first_order_step(optimizer, objective, x, y)
-        assert logits.shape == (12, K) and loss.dim() == 0 and not loss.requires_grad
-    assert full_loss(objective, x, y) < before
-
-
-def test_lbfgs_step_lowers_the_penalised_loss():
-    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
-    params = optimizers.trainable_parameters(model)
-    step = steps.make_lbfgs_step(args)
-    before = full_loss(objective, x, y, params, args.weight_decay)
-    first, _ = step(optimizer, objective, x, y)
-    # the logged loss is the penalised objective at the parameters the step started from: the same forward
-    # pass (same kernels, same shapes), the penalty added to the loss in another order (float32, a few u)
-    assert first.item() == pytest.approx(before, rel=1e-5)
-    for _ in range(2):
-        step(optimizer, objective, x, y)
-    assert full_loss(objective, x, y, params, args.weight_decay) < 0.9 * before
-
-
-class RecordedLBFGSStep(steps.LBFGSStep):
-    """The LBFGS step, keeping the value of every evaluation of its closure."""
-    values = None
-
-    def evaluate(self, *args):
-        loss, logits = super().evaluate(*args)
-        self.values.append(loss)
-        return loss, logits
-
-
-def test_lbfgs_steps_are_bitwise_the_authors_steps():
-    """The authors' closure sums the penalty `0.5 * weight_decay * torch.norm(param) ** 2` over the
-    parameters first and then adds it to the loss. Ours does the same ops on the same shapes in the
-    same order, which rounds alike on every CPU, so every closure value of three strong-Wolfe steps
-    from the same start on the same batch, and every parameter after them, is bit for bit theirs
-    (adding each term to the loss in turn differed in the last bit, and the line search made that
-    a different step)."""
-    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
-    theirs = copy.deepcopy(model)
-    their_optimizer = torch.optim.LBFGS(theirs.parameters(), lr=0.1, history_size=args.history_size,
-                                        line_search_fn="strong_wolfe")
-    their_values = []
-
-    def their_closure():
-        their_optimizer.zero_grad()
-        logits, _ = theirs(x)
-        loss = torch.nn.MSELoss()(logits, torch.nn.functional.one_hot(y, K).float())
-        penalty = 0
-        for param in theirs.parameters():
-            penalty += 0.5 * args.weight_decay * torch.norm(param) ** 2
-        loss = loss + penalty
-        loss.backward()
-        their_values.append(loss.detach())
-        return loss
-    step = RecordedLBFGSStep(args.weight_decay)
-    step.values = []
-    for _ in range(3):
-        their_optimizer.step(their_closure)
-        step(optimizer, objective, x, y)
-    assert len(step.values) == len(their_values) > 3
-    assert torch.equal(torch.stack(step.values), torch.stack(their_values))
-    for (name, ours), theirs_p in zip(model.named_parameters(), theirs.parameters()):
-        assert torch.equal(ours, theirs_p), name
-
-
-def test_lbfgs_with_sep_decay_has_no_extra_penalty():
-    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--sep_decay", default="LBFGS")
-    before = full_loss(objective, x, y)  # MSE + the --sep_decay penalties, nothing else
-    first, _ = steps.make_lbfgs_step(args)(optimizer, objective, x, y)
-    assert first.item() == pytest.approx(before, rel=1e-5)  # as above
-
-
-def test_optimizer_settings():
-    _, model, sgd, *_ = tiny_setup("--optimizer", "SGD", "--lr", "0.05", "--weight_decay", "1e-3")
-    group = sgd.param_groups[0]
-    assert isinstance(sgd, torch.optim.SGD)
-    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 1e-3)
-    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in model.parameters())
-    _, _, adam, *_ = tiny_setup("--optimizer", "Adam", "--lr", "0.001")
-    group = adam.param_groups[0]
-    assert isinstance(adam, torch.optim.Adam)
-    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 5e-4)
-    _, _, lbfgs, *_ = tiny_setup("--optimizer", "LBFGS", "--history_size", "7", default="LBFGS")
-    group = lbfgs.param_groups[0]
-    assert isinstance(lbfgs, torch.optim.LBFGS)
-    assert (group["history_size"], group["line_search_fn"]) == (7, "strong_wolfe")
-    for name in ("SGD", "Adam"):
-        _, _, opt, *_ = tiny_setup("--optimizer", name, "--sep_decay")
-        assert all(g["weight_decay"] == 0 for g in opt.param_groups)
-
-
-def test_optimizer_skips_the_frozen_etf_weight():
-    args = train_parser().parse_args(["--ETF", "--fixdim", "10", "--SOTA"])
-    model = models.build_model(args, 10)
-    params = {id(p) for g in utils.make_optimizer(args, model).param_groups for p in g["params"]}
-    assert id(model.fc.weight) not in params and id(model.fc.bias) in params
-
-
-@pytest.mark.parametrize("decay_type, epochs, lrs", [
-    ("step", 5, [0.1, 0.1, 0.01, 0.01, 0.001]),  # --patience 2
-    ("step_1_3", 4, [0.1, 0.01, 0.01, 0.001]),
-    ("cosine", 4, [0.1, 0.1 * (1 + 2 ** -0.5) / 2, 0.05, 0.1 * (1 - 2 ** -0.5) / 2]),
-])
-def test_schedulers(decay_type, epochs, lrs):
-    args, model, optimizer, *_ = tiny_setup("--lr", "0.1", "--decay_type", decay_type, "--patience", "2",
-                                            "--epochs", str(epochs))
-    scheduler = utils.make_scheduler(args, optimizer)
-    seen = []
-    for _ in range(epochs):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx(lrs)  # Python floats from the schedules' formulas: ~1e-16 apart
 
 
 # ---------------------------------------------------------------------------- short runs
@@ -309,7 +166,6 @@ def test_run_files_follow_the_umask(tiny_argv):
 
 
 # ---------------------------------------------------------------------------- bad input
-
 
 
 # Each subprocess pays the torch import (seconds on a small machine): two cases, one per kind of refusal
@@ -464,29 +320,6 @@ def test_deterministic_changes_nothing_on_the_cpu_and_may_change_on_resume(tiny_
     assert all(torch.equal(a[k], b[k]) for k in a)
     train_1st_order.main(tiny_argv("det", "--resume", "--epochs", "2", "--no-deterministic"))  # allowed on resume
     assert read_run(det)[0]["deterministic"] is False and os.path.isfile(os.path.join(det, "epoch_002.pth"))
-
-
-@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), torch.optim.Adam],
-                         ids=["SGD", "Adam"])
-def test_a_resumed_optimiser_state_takes_its_parameters_layout(make):
-    """--deterministic switched on --resume turns a GPU run's ResNet from channels_last to NCHW (or
-    back); the loaded momentum and Adam moments follow it, since the fused GPU optimisers need the
-    strides of state and parameter equal. Their values stay the same."""
-    torch.manual_seed(0)
-    saved = models.ResNet18_adapt(width=4)  # NCHW
-    optimizer = make(saved.parameters())
-    saved(torch.randn(2, 3, 32, 32))[0].square().sum().backward()
-    optimizer.step()
-    model = models.ResNet18_adapt(width=4).to(memory_format=torch.channels_last)
-    resumed = make(model.parameters())
-    resumed.load_state_dict(optimizer.state_dict())
-
-    def states():  # (parameter, its loaded state tensor, the saved one) for state of the parameter's shape
-        return [(p, resumed.state[p][k], optimizer.state[q][k]) for p, q in zip(model.parameters(), saved.parameters())
-                for k in resumed.state[p] if resumed.state[p][k].shape == p.shape]
-    assert any(v.stride() != p.stride() for p, v, _ in states())  # as loaded: the saved layout
-    optimizers.match_parameter_layout(resumed)
-    assert all(v.stride() == p.stride() and torch.equal(v, before) for p, v, before in states())
 
 
 def test_a_resume_whose_data_order_was_drawn_elsewhere_goes_on_reseeded_with_a_note(tiny_argv, capsys):
