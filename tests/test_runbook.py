@@ -4,27 +4,24 @@ several runs at once (--jobs), and SLURM submission through submitit's local exe
 runs of one figure are trained for one epoch on a tiny fake CIFAR-10; the commands go through tests/harness.py, which accepts those files."""
 import os
 import pickle
+import re
+import shlex
 import shutil
 
 import pytest
 
+import args as args_module
 import experiments
 import fake_data
 import harness
-from nclib import rundir
-from nclib import runs
-from helpers import load_pickle, refused, same
-from nclib import runbook
-import re
-import shlex
-import args as args_module
+from helpers import load_pickle, refused, same, write_run
+from nclib import runbook, rundir, runs
+from nclib.cli import run_main
 import plot_dk_mse
 import plot_etf_mse
 import plot_k_rmse
 import plot_M_rmse
 import plot_optim_mse
-from nclib.cli import run_main
-from helpers import write_run
 
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
                   "k": plot_k_rmse}
@@ -234,3 +231,37 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
 def table(plot_module):
     """{legend label: run name} of a plot script's figure."""
     return runs.figure_runs(plot_module.FIGURE)
+
+
+def test_the_runbook_leaves_its_thread_share_out_of_a_resumed_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    envs = {}
+
+    def run(self, command, log=None, env=None):
+        envs[command[command.index("--uid") + 1]] = env
+        return 0
+    monkeypatch.setattr(runbook.Children, "run", run)
+    items = [("run", str(tmp_path / uid), [("train_1st_order.py", ["--uid", uid, *flags])])
+             for uid, flags in (("new", []), ("half_done", ["--resume"]))]
+    runbook.execute(items, jobs=2)
+    assert "OMP_NUM_THREADS" in envs["new"] and envs["half_done"] is None  # None: the runbook's own environment
+
+
+def test_the_local_cluster_gets_the_time_limit_and_gpus(tmp_path, monkeypatch, capsys):
+    """`--slurm --cluster local --time 600` stopped every job after about 90 s (submitit's local default)."""
+    submitit = pytest.importorskip("submitit")
+    seen = []
+
+    class Job:
+        job_id = "1"
+
+        def result(self):
+            return None
+
+    def submit(executor, fn):
+        seen.append(dict(executor._executor.parameters))
+        return Job()
+    monkeypatch.setattr(submitit.AutoExecutor, "submit", submit)
+    experiments.main(["--figure", "optim", "--root", str(tmp_path), "--slurm", "--cluster", "local",
+                      "--time", "600", "--gpus_per_job", "1"])
+    assert len(seen) == 3 and all(p["timeout_min"] == 600 and p["gpus_per_node"] == 1 for p in seen)
