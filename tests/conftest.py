@@ -13,7 +13,7 @@ for path in (os.path.dirname(TESTS), TESTS):
         sys.path.insert(0, path)
 
 import fake_data  # noqa: E402
-from helpers import REPO, TESTS, Rerun  # noqa: E402,F401
+from helpers import Rerun  # noqa: E402
 from nclib import steps
 
 # The smallest training run that exercises a whole script: an MLP of width 32 on 10 images per class.

@@ -1,9 +1,8 @@
 """nclib/cli.py: run_main, how every entry script turns its outcome into an exit status and one line."""
-import pytest
 
+from helpers import refused
 from nclib import cli
 from nclib.base import UserError
-from helpers import refused
 
 
 def test_a_user_error_is_one_line_and_exit_status_2(capsys):

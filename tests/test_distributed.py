@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_pickle, refused, REPO, TESTS
+from nclib import base, cli, measure
 import rounding
-from helpers import REPO, TESTS, load_pickle, refused
-from nclib import base
-from nclib import cli
-from nclib import measure
 
 RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mnist_sample", "--sample_size", "20",
        "--batch_size", "32", "--epochs", "2", "--device", "cpu", "--num_workers", "0"]

@@ -5,7 +5,6 @@ import ast
 import glob
 import os
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_SCRIPTS = {"train_1st_order", "train_2nd_order", "validate_NC", "experiments", "ufm", "claims", "utils"} | \

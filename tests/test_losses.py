@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nclib import losses
-import models
-import utils
 from args import train_parser
-from nclib import base
+import models
+from nclib import base, losses
+import utils
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -2,11 +2,11 @@
 schedules, and a resumed optimiser state in its parameters' memory layout."""
 import pytest
 import torch
-import models
-from nclib import optimizers
-import utils
+
 from args import train_parser
-from nclib import steps
+import models
+from nclib import optimizers, steps
+import utils
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

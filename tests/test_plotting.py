@@ -4,17 +4,16 @@ import re
 
 import pytest
 
+from helpers import fake_info, write_run
+from nclib import plotting, runs
+from nclib.base import UserError
+from nclib.cli import run_main
 import plot_dk_mse
 import plot_etf_mse
 import plot_k_rmse
 import plot_M_rmse
 import plot_optim_mse
 import plot_runs
-from nclib import plotting
-from nclib import runs
-from nclib.base import UserError
-from nclib.cli import run_main
-from helpers import fake_info, write_run
 
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
                   "k": plot_k_rmse}

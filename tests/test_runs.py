@@ -1,9 +1,8 @@
 """nclib/runs.py: the paper's runs of each figure and the authors' run names."""
 import dataclasses
 
-from nclib import losses
-from nclib import runs
 from args import train_parser
+from nclib import losses, runs
 
 
 def test_a_registered_loss_names_runs_by_its_tag_with_M_and_k_only_when_it_uses_them(dummy_loss, monkeypatch):

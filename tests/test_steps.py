@@ -1,6 +1,7 @@
 """CUDA graphs: where they are used (steps.build_step), that the graphed steps' host logic gives
 the eager numbers (on the CPU, with the graph replaced by a re-run of the captured function), and on
 a GPU that the real graphs give the eager numbers."""
+import copy
 import json
 import os
 import subprocess
@@ -9,18 +10,14 @@ import sys
 import pytest
 import torch
 
+from args import train_parser
+from helpers import refused, REPO
 import models
-from nclib import optimizers
+from nclib import losses, optimizers, steps, training
+from nclib.losses import lbfgs_penalty
 import train_1st_order
 import train_2nd_order
-from nclib import training
 import utils
-from args import train_parser
-from helpers import REPO, refused
-from nclib.losses import lbfgs_penalty
-from nclib import steps
-import copy
-from nclib import losses
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

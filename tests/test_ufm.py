@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
+from helpers import refused
 from nclib import ufm
 import ufm as ufm_script
-from helpers import refused
 
 SETTINGS = [  # (K, n, d, lambda_W, lambda_H, bias): c < 1; c < 1 unequal lambdas; no bias; c >= 1; d < K - 1
     (4, 5, 8, 0.01, 0.01, True),

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import datasets
+from helpers import load_pickle, train_tiny, unvalidated_copy
 import models
-from nclib import nc
+from nclib import measure, nc
 import rounding
 import validate_NC
-from helpers import load_pickle, train_tiny, unvalidated_copy
-from nclib import measure
 
 TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "60",
         "--lr", "0.05", "--device", "cpu", "--batch_size", "64"]
