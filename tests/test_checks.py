@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from args import FLOAT32_MAX, train_parser
-from conftest import TINY_RUN
+from conftest import tiny_run, TINY_RUN
 import datasets
 import experiments
 import fake_data
@@ -36,8 +36,7 @@ import validate_NC
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # The audit's $B.
-B = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "64", "--depth", "1", "--device", "cpu",
-     "--sample_size", "20", "--batch_size", "50", "--num_workers", "0"]
+B = tiny_run(width=64, sample_size=20, epochs=None, nc_every=None)
 WAIT = 120  # seconds before a wait for another process counts as hung (the machine may be slow)
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
 from helpers import load_pickle, refused, REPO, TESTS
 from nclib import base, cli, measure
 import rounding
 
-RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mnist_sample", "--sample_size", "20",
-       "--batch_size", "32", "--epochs", "2", "--device", "cpu", "--num_workers", "0"]
+RUN = tiny_run(sample_size=20, batch_size=32, nc_every=None)
 # Validation under torchrun measures one block of each split per rank. With --batch_size 50 every batch,
 # a rank's or one process's, has 50 images (200 training images = 2 ranks x 2 x 50, 1000 test images =
 # 2 x 10 x 50), so each rank computes its float32 features bit for bit as one process does (the same

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
 import harness
 from helpers import load_pickle, refused, REPO, same, train_tiny, unvalidated_copy
 import models
@@ -242,8 +243,7 @@ def test_an_unknown_measure_is_a_user_error_listing_the_valid_ones():
 
 # ---------------------------------------------------------------------------- validate_NC.py end to end
 
-TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "16", "--depth", "2", "--sample_size", "20",
-        "--lr", "0.05", "--device", "cpu", "--batch_size", "64", "--num_workers", "0", "--nc_every", "0"]
+TINY = tiny_run(width=16, depth=2, sample_size=20, lr=0.05, batch_size=64, epochs=None)
 
 
 @pytest.fixture(scope="module")
@@ -388,9 +388,7 @@ EPOCHS = 5
 
 
 # Checkpoints of epochs 2, 4 and 5 (the last); NC measured after every epoch.
-RUN = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "20",
-       "--batch_size", "32", "--device", "cpu", "--num_workers", "0", "--lr", "0.05", "--epochs", str(EPOCHS),
-       "--nc_every", "1", "--save_every", "2"]
+RUN = tiny_run(sample_size=20, batch_size=32, lr=0.05, epochs=EPOCHS, nc_every=1, save_every=2)
 
 
 # Renames of a fresh run (tests/harness.py's before_rename@N): 1 args.json; then per epoch its

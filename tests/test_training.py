@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from args import train_parser
-from conftest import TINY_RUN
+from conftest import tiny_run, TINY_RUN
 import fake_data
 import harness
 from helpers import load_pickle, refused, REPO, same
@@ -356,8 +356,7 @@ EPOCHS = 4
 BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
 
 
-RUN = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "20",
-       "--batch_size", "32", "--device", "cpu", "--num_workers", "0", "--nc_every", "0"]
+RUN = tiny_run(sample_size=20, batch_size=32, epochs=None)
 
 
 # Fake CIFAR-10 (20 images per class) with --SOTA crop/flip augmentation, which draws random numbers

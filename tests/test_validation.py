@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
 import datasets
 from helpers import load_pickle, train_tiny, unvalidated_copy
 import models
@@ -12,8 +13,7 @@ from nclib import measure, nc
 import rounding
 import validate_NC
 
-TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "60",
-        "--lr", "0.05", "--device", "cpu", "--batch_size", "64"]
+TINY = tiny_run(sample_size=60, lr=0.05, batch_size=64, epochs=None, nc_every=None, num_workers=None)
 
 
 @pytest.fixture(scope="module")
