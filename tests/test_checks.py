@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -24,12 +23,10 @@ import torch
 from args import FLOAT32_MAX, train_parser
 from conftest import tiny_run, TINY_RUN
 import datasets
-import experiments
 import fake_data
 from helpers import load_pickle, refused, REPO, same
 import models
-from nclib import base, checks, cli, runbook, rundir, training, validation
-import plot_runs
+from nclib import base, checks, cli, rundir, training, validation
 import train_1st_order
 import validate_NC
 
@@ -467,37 +464,6 @@ def test_batch_size_one_is_refused_before_the_run_directory_exists(tiny_argv, ca
 
 # ---------------------------------------------------------------------------- 8. signals to the runbook
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_signal_to_the_runbook_stops_its_command_and_waits_for_it(tmp_path, capsys, signum):
-    """runbook.call, as `experiments.py --run` calls a training, in this process: the signal is
-    sent to this process (as `kill -TERM <runbook>` would) once the command runs and call() listens."""
-    pid_file = tmp_path / "child.pid"
-    command = [sys.executable, "-c",
-               f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
-    default = signal.getsignal(signum)
-    sent = []
-
-    def send():
-        deadline = time.time() + WAIT
-        while time.time() < deadline:
-            if signal.getsignal(signum) is not default and pid_file.exists() and pid_file.read_text():
-                sent.append(time.time())
-                os.kill(os.getpid(), signum)
-                return
-            time.sleep(0.01)
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    with pytest.raises(SystemExit) as e:
-        runbook.call(command)
-    stopped = time.time()
-    sender.join()
-    assert sent and stopped - sent[0] < 10  # promptly, not after the command's 60 s
-    assert e.value.code == 128 + signum
-    with pytest.raises(ProcessLookupError):  # the command ended, and was waited for
-        os.kill(int(pid_file.read_text()), 0)
-    assert signal.getsignal(signum) is default
-    assert "stopped by signal" in capsys.readouterr().err
-
 
 # ---------------------------------------------------------------------------- 9. one line instead of a traceback
 
@@ -600,23 +566,6 @@ def write_info(run_dir, info):
         pickle.dump(info, f)
 
 
-def test_an_info_pkl_with_lists_of_different_lengths_is_refused_by_plot_runs(tmp_path, capsys):
-    write_info(tmp_path / "run", {"epochs": [1, 2, 3], "collapse_metric": [1.0, 0.5], "ETF_metric": [1, 1, 1]})
-    message = refused(capsys, plot_runs.main, [str(tmp_path / "run"), "--out_dir", str(tmp_path / "fig")])
-    assert "info.pkl" in message and "length" in message
-    assert nothing_under(tmp_path / "fig")
-
-
-@pytest.mark.parametrize("where", ["parent_is_a_file", "proc"])
-def test_an_unwritable_plot_out_dir_is_refused(tmp_path, capsys, where):
-    write_info(tmp_path / "run", {"epochs": [1, 2], "collapse_metric": [1.0, 0.5]})
-    (tmp_path / "afile").write_text("keep me")
-    out_dir = tmp_path / "afile" / "fig" if where == "parent_is_a_file" else "/proc/sys/nc_test_figures"
-    message = refused(capsys, plot_runs.main, [str(tmp_path / "run"), "--out_dir", str(out_dir)])
-    assert "--out_dir" in message and str(out_dir) in message
-    assert (tmp_path / "afile").read_text() == "keep me"
-
-
 class InterruptsPickling:
     def __reduce__(self):
         raise KeyboardInterrupt
@@ -655,15 +604,6 @@ def test_a_checkpoint_name_without_zero_padding_is_not_a_second_epoch(run_copy, 
     info = validate(run_copy)
     assert info["epochs"] == [1, 2]
     assert summary(capsys.readouterr().out) == ("2", "0", "0")
-
-
-def test_the_runbook_help_describes_it_in_a_whole_sentence(capsys):
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["--help"])
-    assert e.value.code == 0
-    paragraphs = capsys.readouterr().out.split("\n\n")
-    description = " ".join(paragraphs[1].split())  # the paragraph after the usage
-    assert description[0].isupper() and description.endswith("."), description
 
 
 @pytest.mark.parametrize("blocked", ["info.pkl", "test_log.txt"])

@@ -316,29 +316,6 @@ def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
         pickle.dump(info, f)
 
 
-@pytest.mark.slow
-def test_plot_runs_draws_any_scalar_key_and_the_layers(tmp_path, capsys):
-    import plot_runs
-    write_info(str(tmp_path / "a"))
-    write_info(str(tmp_path / "b"), layers=False)
-    out = tmp_path / "fig"
-    plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "cdnv_metric", "ncc_train",
-                    "--out_dir", str(out)])
-    names = set(os.listdir(out))
-    assert {"cdnv_metric.png", "ncc_train.pdf", "NC1.png"} <= names
-    for q in nc.LAYER_MEASURES:
-        assert f"a_layers_{q}_depth.png" in names and f"a_layers_{q}_epoch.png" in names
-    assert not any(n.startswith("b_layers") for n in names)
-
-
-def test_plot_runs_refuses_a_key_that_is_not_a_scalar_per_epoch(tmp_path, capsys):
-    import plot_runs
-    write_info(str(tmp_path / "a"))
-    for key in ("W", "no_such_key"):
-        line = refused(capsys, plot_runs.main, [str(tmp_path / "a"), "--keys", key, "--out_dir", str(tmp_path / "f")])
-        assert f"--keys {key}: no run has it" in line and "cdnv_metric" in line
-
-
 def test_equinorm_is_the_population_std_over_the_mean():
     # row norms 1 and 3: mean 2, population std (ddof 0) 1, so 0.5 (every step exact in float64, in
     # any order); the sample std (ddof 1) would give 1/sqrt(2)

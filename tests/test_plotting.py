@@ -1,11 +1,13 @@
 """nclib/plotting.py and the plot scripts (plot_*.py, plot_runs.py), on synthetic info.pkl files."""
 import os
+import pickle
 import re
 
+import numpy as np
 import pytest
 
-from helpers import fake_info, write_run
-from nclib import plotting, runs
+from helpers import fake_info, refused, write_run
+from nclib import nc, plotting, runs
 from nclib.base import UserError
 from nclib.cli import run_main
 import plot_dk_mse
@@ -18,6 +20,17 @@ import plot_runs
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
                   "k": plot_k_rmse}
 PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF"
+
+
+def pickled_info(run_dir, info):
+    """A run directory whose info.pkl is the dict `info`."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(info, f)
+
+
+def nothing_under(folder):
+    return not os.path.exists(folder) or not os.listdir(folder)
 
 
 def table(plot_module):
@@ -192,3 +205,58 @@ def test_a_registered_per_layer_measure_gets_its_layer_figures(dummy_measure):
         assert figures[f"run_a_layers_dummy_metric_{view}"] is not None
     for fig in figures.values():
         plt.close(fig)
+
+
+def test_an_info_pkl_with_lists_of_different_lengths_is_refused_by_plot_runs(tmp_path, capsys):
+    pickled_info(tmp_path / "run", {"epochs": [1, 2, 3], "collapse_metric": [1.0, 0.5], "ETF_metric": [1, 1, 1]})
+    message = refused(capsys, plot_runs.main, [str(tmp_path / "run"), "--out_dir", str(tmp_path / "fig")])
+    assert "info.pkl" in message and "length" in message
+    assert nothing_under(tmp_path / "fig")
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "proc"])
+def test_an_unwritable_plot_out_dir_is_refused(tmp_path, capsys, where):
+    pickled_info(tmp_path / "run", {"epochs": [1, 2], "collapse_metric": [1.0, 0.5]})
+    (tmp_path / "afile").write_text("keep me")
+    out_dir = tmp_path / "afile" / "fig" if where == "parent_is_a_file" else "/proc/sys/nc_test_figures"
+    message = refused(capsys, plot_runs.main, [str(tmp_path / "run"), "--out_dir", str(out_dir)])
+    assert "--out_dir" in message and str(out_dir) in message
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
+    os.makedirs(run_dir)
+    n = len(epochs)
+    info = {"epochs": list(epochs), "collapse_metric": [1.0 / e for e in epochs],
+            "cdnv_metric": [None] + [0.5 / e for e in epochs[1:]],  # the first epoch measured without it
+            "ncc_train": [0.5 + 0.04 * e for e in epochs], "W": [np.zeros((3, 4))] * n}
+    if layers:
+        names = ["hidden1", "hidden2", "h"]
+        info["layer_names"] = [names] * n
+        info["layers"] = [{name: {"NC1": (j + 1) / e, "trace_ratio": 0.1 * (j + 1) / e, "ncc": 0.9}
+                           for j, name in enumerate(names)} for e in epochs]
+    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
+        pickle.dump(info, f)
+
+
+@pytest.mark.slow
+def test_plot_runs_draws_any_scalar_key_and_the_layers(tmp_path, capsys):
+    import plot_runs
+    write_info(str(tmp_path / "a"))
+    write_info(str(tmp_path / "b"), layers=False)
+    out = tmp_path / "fig"
+    plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "cdnv_metric", "ncc_train",
+                    "--out_dir", str(out)])
+    names = set(os.listdir(out))
+    assert {"cdnv_metric.png", "ncc_train.pdf", "NC1.png"} <= names
+    for q in nc.LAYER_MEASURES:
+        assert f"a_layers_{q}_depth.png" in names and f"a_layers_{q}_epoch.png" in names
+    assert not any(n.startswith("b_layers") for n in names)
+
+
+def test_plot_runs_refuses_a_key_that_is_not_a_scalar_per_epoch(tmp_path, capsys):
+    import plot_runs
+    write_info(str(tmp_path / "a"))
+    for key in ("W", "no_such_key"):
+        line = refused(capsys, plot_runs.main, [str(tmp_path / "a"), "--keys", key, "--out_dir", str(tmp_path / "f")])
+        assert f"--keys {key}: no run has it" in line and "cdnv_metric" in line

@@ -7,6 +7,10 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
+import sys
+import threading
+import time
 
 import pytest
 
@@ -25,6 +29,7 @@ import plot_optim_mse
 
 FIGURE_SCRIPTS = {"optim": plot_optim_mse, "etf": plot_etf_mse, "dk": plot_dk_mse, "M": plot_M_rmse,
                   "k": plot_k_rmse}
+WAIT = 120  # seconds before a wait for another process counts as hung (the machine may be slow)
 
 
 @pytest.fixture
@@ -265,3 +270,44 @@ def test_the_local_cluster_gets_the_time_limit_and_gpus(tmp_path, monkeypatch, c
     experiments.main(["--figure", "optim", "--root", str(tmp_path), "--slurm", "--cluster", "local",
                       "--time", "600", "--gpus_per_job", "1"])
     assert len(seen) == 3 and all(p["timeout_min"] == 600 and p["gpus_per_node"] == 1 for p in seen)
+
+
+def test_the_runbook_help_describes_it_in_a_whole_sentence(capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--help"])
+    assert e.value.code == 0
+    paragraphs = capsys.readouterr().out.split("\n\n")
+    description = " ".join(paragraphs[1].split())  # the paragraph after the usage
+    assert description[0].isupper() and description.endswith("."), description
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_to_the_runbook_stops_its_command_and_waits_for_it(tmp_path, capsys, signum):
+    """runbook.call, as `experiments.py --run` calls a training, in this process: the signal is
+    sent to this process (as `kill -TERM <runbook>` would) once the command runs and call() listens."""
+    pid_file = tmp_path / "child.pid"
+    command = [sys.executable, "-c",
+               f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+    default = signal.getsignal(signum)
+    sent = []
+
+    def send():
+        deadline = time.time() + WAIT
+        while time.time() < deadline:
+            if signal.getsignal(signum) is not default and pid_file.exists() and pid_file.read_text():
+                sent.append(time.time())
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    with pytest.raises(SystemExit) as e:
+        runbook.call(command)
+    stopped = time.time()
+    sender.join()
+    assert sent and stopped - sent[0] < 10  # promptly, not after the command's 60 s
+    assert e.value.code == 128 + signum
+    with pytest.raises(ProcessLookupError):  # the command ended, and was waited for
+        os.kill(int(pid_file.read_text()), 0)
+    assert signal.getsignal(signum) is default
+    assert "stopped by signal" in capsys.readouterr().err
