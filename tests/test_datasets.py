@@ -1,5 +1,6 @@
 """The data sets of the paper: how each is read, split, sampled, normalised and augmented, and how bad
-files are refused; all from tiny copies written in the real on-disk formats."""
+files are refused; all from tiny copies written in the real on-disk formats; and the device-resident
+data path against torchvision's transforms."""
 import os
 import pickle
 import shutil

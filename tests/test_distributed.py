@@ -1,4 +1,5 @@
-"""One run on several processes (torchrun, DistributedDataParallel), on the CPU with gloo and 2 ranks.
+"""nclib/distributed.py: one run on several processes (torchrun, DistributedDataParallel), on the CPU
+with gloo and 2 ranks.
 
 The slow tests start torchrun as a subprocess, as a user would; the refusals are checked in-process
 with a pretended world of 2 ranks (each torchrun start costs seconds of imports per rank)."""

@@ -1,5 +1,6 @@
-"""The NC measures of the literature (nc.py's MEASURES, validate_NC.py --measures and --layers):
-direct float64 references, collapsed configurations, invariances, layer hooks, info.pkl, bad input."""
+"""nclib/measure.py and the NC measures of the literature (nc.py's MEASURES, validate_NC.py --measures and
+--layers): direct float64 references, collapsed configurations, invariances, layer hooks, info.pkl, bad
+input; a measure registered in one place; NC measured while training (--nc_every)."""
 import itertools
 import json
 import math

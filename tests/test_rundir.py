@@ -1,4 +1,4 @@
-"""The run directory's own rules (rundir.py), without training anything."""
+"""The run directory's own rules (nclib/rundir.py), without training anything."""
 import json
 import os
 import pickle

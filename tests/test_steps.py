@@ -1,4 +1,5 @@
-"""CUDA graphs: where they are used (steps.build_step), that the graphed steps' host logic gives
+"""nclib/steps.py: the update rules (first-order and LBFGS steps against the authors'), and CUDA graphs:
+where they are used (steps.build_step), that the graphed steps' host logic gives
 the eager numbers (on the CPU, with the graph replaced by a re-run of the captured function), and on
 a GPU that the real graphs give the eager numbers."""
 import copy

@@ -1,4 +1,6 @@
-"""Optimisers, the two training scripts end to end, and their refusals of bad input."""
+"""nclib/training.py and the two training scripts (train_1st_order.py, train_2nd_order.py) end to end:
+short runs and their run directories, their refusals of bad input, and runs that survive being killed,
+diverging and bad input (--resume, atomic writes, a clean stop on a non-finite loss)."""
 import argparse
 import json
 import os

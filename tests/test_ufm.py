@@ -1,5 +1,5 @@
 """The unconstrained feature model (ufm.py): the closed form against optimisers, the strict saddles
-and the escape from one, the Hessian at the optimum, the run directory, and bad input."""
+and the escape from one, the Hessian at the optimum, the run directory, a registered loss and measure, and bad input."""
 import math
 import os
 import pickle

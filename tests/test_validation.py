@@ -1,4 +1,4 @@
-"""validate_NC.py end to end on short mnist_sample runs."""
+"""nclib/validation.py: validate_NC.py end to end on short mnist_sample runs."""
 import os
 
 import numpy as np
