@@ -18,8 +18,7 @@ import os
 from args import Parser, nonnegative_float, path, positive_float, positive_int
 from nclib.base import UserError
 from nclib.cli import run_main
-from nclib.landscape import (MAX_POINTS, MIN_POINTS, PANELS, check_grid, color_limits, draw, figure,  # noqa: F401
-                             log_loss, panels)
+from nclib.landscape import MAX_POINTS, MIN_POINTS, PANELS, check_grid, color_limits, draw, panels
 
 
 def parser():

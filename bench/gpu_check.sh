@@ -47,7 +47,7 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and
 bench="python3 bench/train.py --model resnet18 --dataset synthetic --num_samples $n_train --device $dev $rounds"
 # The tests that need a GPU (skipped on the CPU): CUDA-graph steps against eager, the graphed LBFGS
 # closure, validation's graphed forward pass, NCStats without host syncs
-step gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_fold.py tests/test_nc.py
+step gpu_tests python3 -m pytest -q tests/test_steps.py tests/test_fold.py tests/test_nc.py
 # The condition for CUDA graphs by default: a 3-epoch run with graphs within the spread of two eager ones
 step graph_parity python3 bench/graph_parity.py --device $dev $parity
 step validate python3 bench/validate.py --model resnet18 --SOTA --dataset synthetic --num_samples $n_val --device $dev $rounds

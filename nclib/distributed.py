@@ -170,6 +170,9 @@ def check_torchrun(args, size):
     if args.cuda_graph:
         raise UserError("--cuda_graph does not run under torchrun (DDP's gradient all-reduce is not captured); "
                         "drop the flag")
+    if list(getattr(args, "measures", None) or ["paper"]) != ["paper"]:
+        raise UserError("--measures are measured by one process: run without torchrun, or validate afterwards "
+                        "with validate_NC.py")
     if args.loader == "torch":
         raise UserError("--loader torch does not run under torchrun (it has no per-rank sampler here); "
                         "use --loader device or auto")

@@ -1,27 +1,42 @@
-"""Shared fixtures: the repository on sys.path, tiny fake data sets, a tiny training command line."""
+"""The fixtures, defined once: the repository on sys.path, tiny fake data sets, the tiny training command
+line (TINY_RUN, tiny_run), a dummy loss and a dummy measure, graphs replaced on the CPU. The helpers the
+test modules share are in helpers.py."""
 import os
-import pickle
-import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-for path in (REPO, TESTS):
+for path in (os.path.dirname(TESTS), TESTS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
 import fake_data  # noqa: E402
-from nclib import cli
+from helpers import Rerun  # noqa: E402
 from nclib import steps
 
 # The smallest training run that exercises a whole script: an MLP of width 32 on 10 images per class.
 # NC is measured after training (validate_NC.py) unless a test asks for it in-run (--nc_every).
 TINY_RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mnist_sample", "--device", "cpu",
             "--sample_size", "10", "--batch_size", "50", "--num_workers", "0", "--epochs", "2", "--nc_every", "0"]
+
+
+def tiny_run(**flags):
+    """TINY_RUN with some of its flags changed or added (tiny_run(sample_size=20, lr=0.05)), or left out
+    (epochs=None: the script's default). The one definition of the tests' small training runs."""
+    argv = list(TINY_RUN)
+    for name, value in flags.items():
+        flag = "--" + name
+        if flag in argv:
+            at = argv.index(flag)
+            del argv[at:at + 2]
+            if value is None:
+                continue
+            argv[at:at] = [flag, str(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 @pytest.fixture
@@ -75,25 +90,48 @@ def fake_mini_imagenet(tmp_path_factory):
     return str(root), fake_data.write_mini_imagenet(str(root / "mini_imagenet"))
 
 
+# ---------------------------------------------------------------------------- a dummy loss and a dummy measure
+
+class DummyL1Loss(torch.nn.Module):
+    """The dummy loss's module: the mean absolute difference from one-hot targets over all B*K entries."""
+
+    forwards = 0  # calls of forward, counted (from 0 in each test that registers the dummy loss)
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, logits, y):
+        DummyL1Loss.forwards += 1
+        return (logits - torch.nn.functional.one_hot(y, self.num_classes).to(logits.dtype)).abs().mean()
+
+
+def dummy_l1_per_sample(z, y, M=1.0, k=1.0):
+    """sum_j |z_j - e_y,j| of each sample: K x DummyL1Loss per sample."""
+    return (z - torch.nn.functional.one_hot(y, z.shape[1]).to(z.dtype)).abs().sum(1)
+
+
+@pytest.fixture
+def dummy_loss(monkeypatch):
+    """A loss "Dummy" (tag DUM) registered in one place, losses.register, for one test: the entry is
+    removed afterwards (monkeypatch restores the table)."""
+    from nclib import losses
+    monkeypatch.setattr(DummyL1Loss, "forwards", 0)
+    monkeypatch.setitem(losses.LOSSES, "Dummy", None)
+    return losses.register(losses.Loss("Dummy", "DUM", lambda K, M, k: DummyL1Loss(K), dummy_l1_per_sample,
+                                       lambda K: K, title=lambda M, k: f"dummy L1 (M={M:g})"))
+
+
+@pytest.fixture
+def dummy_measure(monkeypatch):
+    """A per-layer measure "dummy" (key dummy_metric = K / 4) registered in one place, nc.register, for
+    one test: the entry is removed afterwards."""
+    from nclib import nc
+    monkeypatch.setitem(nc.MEASURES, "dummy", None)
+    return nc.register(nc.Measure("dummy", ("dummy_metric",), lambda q: {"dummy_metric": q.K / 4}, per_layer=True))
+
+
 # ---------------------------------------------------------------------------- helpers the test modules share
-
-class Rerun(steps.Captured):
-    """A stand-in for a CUDA graph on the CPU: each replay runs the captured function again on the
-    static inputs and copies its outputs into the same tensors, as a replay overwrites them."""
-
-    def __init__(self, fn, inputs):
-        self.fn, self.inputs, self.outputs = fn, [t.clone() for t in inputs], None
-        self.replays = 0
-
-    def replay(self):
-        self.replays += 1
-        outputs = self.fn(*self.inputs)
-        if self.outputs is None:
-            self.outputs = tuple(o.clone() for o in outputs)
-        else:
-            for static, o in zip(self.outputs, outputs):
-                static.copy_(o)
-        return self.outputs
 
 
 @pytest.fixture
@@ -115,46 +153,3 @@ def rerun_graphs(monkeypatch):
     return made
 
 
-def refused(capsys, main, *args):
-    """Run main(*args) as its script does (cli.run_main); the one line it printed. Fails unless the
-    exit status is 2 (bad input) and stderr is a single `error: ...` line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(main, *args)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-def train_tiny(root, flags):
-    """The directory of a run named "tiny" that train_1st_order.py trains with these flags under root."""
-    import train_1st_order
-    train_1st_order.main(list(flags) + ["--save_dir", str(root), "--uid", "tiny"])
-    return os.path.join(str(root), "tiny")
-
-
-def unvalidated_copy(run_dir, dest):
-    """A private copy of a run directory (tests may damage it) without its NC results."""
-    return str(shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("nc_results", "info.pkl")))
-
-
-def load_pickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
-def same(a, b):
-    """Bitwise equality (of info dicts, checkpoints, resume states) of nested containers of tensors, arrays and plain values (nan equals nan)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and a != a:
-        return isinstance(b, float) and b != b
-    return type(a) is type(b) and a == b

@@ -4,10 +4,9 @@ import torch
 from torch import nn
 
 import models
-import validate_NC
 from models.fold import fold_batchnorm
-from nclib.steps import fp32_convolutions
 from nclib import measure
+from nclib.steps import fp32_convolutions
 
 
 def trained_statistics(model, seed=0):

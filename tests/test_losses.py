@@ -1,15 +1,15 @@
-"""The losses and the weight-decay penalties, each against its formula on a hand-made case."""
+"""nclib/losses.py: the losses and the weight-decay penalties, each against its formula on a hand-made
+case, and a loss registered in one place (losses.register) training through both scripts."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from nclib import losses
-import models
-import utils
 from args import train_parser
-from nclib import base
+import models
+from nclib import base, losses
+import utils
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -188,3 +188,24 @@ def test_make_criterion_takes_the_authors_one_argument_call():
     criterion = utils.make_criterion(args)  # as the authors' scripts call it
     assert isinstance(criterion, losses.RescaledMSELoss) and (criterion.num_classes, criterion.M, criterion.k) == (4, 3, 2)
     assert isinstance(utils.make_criterion(train_parser().parse_args([]), 5), losses.MSELoss)
+
+
+# ---------------------------------------------------------------------------- a loss registered in one place
+
+def test_a_registered_loss_trains_through_both_training_scripts(dummy_loss, tmp_path):
+    import json
+    import train_1st_order
+    import train_2nd_order
+    from conftest import DummyL1Loss, tiny_run
+    for main, uid in ((train_1st_order.main, "first"), (train_2nd_order.main, "second")):
+        before = DummyL1Loss.forwards
+        main(tiny_run(loss="Dummy", save_dir=tmp_path, uid=uid))
+        assert DummyL1Loss.forwards > before, uid  # its module made the steps' losses
+        with open(tmp_path / uid / "args.json") as f:
+            assert json.load(f)["loss"] == "Dummy"
+        assert (tmp_path / uid / "epoch_002.pth").exists()
+    assert "Dummy" in losses.LOSSES and losses.get("Dummy") is dummy_loss
+
+
+def test_a_registered_loss_is_gone_after_its_test():
+    assert "Dummy" not in losses.LOSSES

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torchvision
 import torchvision.models.resnet as tvr
 
-import models
 from args import train_parser
+import models
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nclib import nc
 from models import simplex_etf
+from nclib import nc
 
 torch.set_default_dtype(torch.float32)
 

@@ -1,4 +1,4 @@
-"""The run directory's own rules (rundir.py), without training anything."""
+"""The run directory's own rules (nclib/rundir.py), without training anything."""
 import json
 import os
 import pickle
@@ -137,3 +137,25 @@ def test_each_writer_removes_only_the_temporaries_of_its_kind(tmp_path):
     assert [n for n in results + training if (run / n).exists()] == results
     with rundir.results_locked(str(run)):
         assert not [n for n in results if (run / n).exists()]
+
+
+def test_an_error_with_an_empty_message_in_last_pth_is_named_by_its_type_and_previous_pth_is_used(tmp_path,
+                                                                                                  monkeypatch):
+    import torch
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    for name, epoch in ((rundir.LAST, 2), (rundir.PREVIOUS, 1)):
+        torch.save({"epoch": epoch, "checkpoint_kept": False}, os.path.join(run, name))
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if os.path.basename(path) == rundir.LAST:
+            raise RuntimeError()  # no message: first_line once raised IndexError on it
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(rundir.torch, "load", load)
+    warned = []
+    state = rundir.load_state(run, warn=warned.append)
+    assert state == {"epoch": 1, "checkpoint_kept": False}
+    assert warned == [f"warning: cannot resume from {os.path.join(run, rundir.LAST)} (RuntimeError); "
+                      "trying an older state"]
+    assert not os.path.exists(os.path.join(run, rundir.PREVIOUS))  # previous.pth became last.pth

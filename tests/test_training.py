@@ -1,8 +1,10 @@
-"""Optimisers, the two training scripts end to end, and their refusals of bad input."""
+"""nclib/training.py and the two training scripts (train_1st_order.py, train_2nd_order.py) end to end:
+short runs and their run directories, their refusals of bad input, and runs that survive being killed,
+diverging and bad input (--resume, atomic writes, a clean stop on a non-finite loss)."""
 import argparse
-import copy
 import json
 import os
+from pathlib import Path
 import re
 import shutil
 import stat
@@ -12,18 +14,16 @@ import sys
 import pytest
 import torch
 
+from args import train_parser
+from conftest import tiny_run, TINY_RUN
 import fake_data
-from nclib import losses
+import harness
+from helpers import load_pickle, refused, REPO, same
 import models
-from nclib import optimizers
 from nclib import rundir
 import train_1st_order
 import train_2nd_order
-from nclib import training
-import utils
-from args import train_parser
-from conftest import REPO, TINY_RUN, refused
-from nclib import steps
+import validate_NC
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,143 +31,6 @@ K = 3
 
 
 # ---------------------------------------------------------------------------- optimisers
-
-def tiny_setup(*flags, default="SGD"):
-    """An MLP on 12 fixed random images of 3 classes: (args, model, optimizer, objective, x, y)."""
-    torch.manual_seed(0)
-    args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
-    model = models.build_model(args, K)
-    optimizer = utils.make_optimizer(args, model)
-    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
-    x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
-    return args, model, optimizer, objective, x, y
-
-
-def full_loss(objective, x, y, params=(), weight_decay=0.0):
-    with torch.no_grad():
-        return (objective(x, y)[0] + (losses.lbfgs_penalty(0.0, params, weight_decay) if params else 0.0)).item()
-
-
-@pytest.mark.parametrize("flags", [["--optimizer", "SGD", "--lr", "0.05"], ["--optimizer", "Adam", "--lr", "0.001"],
-                                   ["--optimizer", "SGD", "--lr", "0.05", "--sep_decay"],
-                                   ["--optimizer", "SGD", "--lr", "0.05", "--loss", "RescaledMSE", "--M", "3"],
-                                   ["--optimizer", "Adam", "--lr", "0.001", "--loss", "CrossEntropy"]])
-def test_first_order_step_lowers_the_loss(flags):
-    args, model, optimizer, objective, x, y = tiny_setup(*flags)
-    before = full_loss(objective, x, y)
-    for _ in range(5):
-        loss, logits = steps.first_order_step(optimizer, objective, x, y)
-        assert logits.shape == (12, K) and loss.dim() == 0 and not loss.requires_grad
-    assert full_loss(objective, x, y) < before
-
-
-def test_lbfgs_step_lowers_the_penalised_loss():
-    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
-    params = optimizers.trainable_parameters(model)
-    step = steps.make_lbfgs_step(args)
-    before = full_loss(objective, x, y, params, args.weight_decay)
-    first, _ = step(optimizer, objective, x, y)
-    # the logged loss is the penalised objective at the parameters the step started from: the same forward
-    # pass (same kernels, same shapes), the penalty added to the loss in another order (float32, a few u)
-    assert first.item() == pytest.approx(before, rel=1e-5)
-    for _ in range(2):
-        step(optimizer, objective, x, y)
-    assert full_loss(objective, x, y, params, args.weight_decay) < 0.9 * before
-
-
-class RecordedLBFGSStep(steps.LBFGSStep):
-    """The LBFGS step, keeping the value of every evaluation of its closure."""
-    values = None
-
-    def evaluate(self, *args):
-        loss, logits = super().evaluate(*args)
-        self.values.append(loss)
-        return loss, logits
-
-
-def test_lbfgs_steps_are_bitwise_the_authors_steps():
-    """The authors' closure sums the penalty `0.5 * weight_decay * torch.norm(param) ** 2` over the
-    parameters first and then adds it to the loss. Ours does the same ops on the same shapes in the
-    same order, which rounds alike on every CPU, so every closure value of three strong-Wolfe steps
-    from the same start on the same batch, and every parameter after them, is bit for bit theirs
-    (adding each term to the loss in turn differed in the last bit, and the line search made that
-    a different step)."""
-    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
-    theirs = copy.deepcopy(model)
-    their_optimizer = torch.optim.LBFGS(theirs.parameters(), lr=0.1, history_size=args.history_size,
-                                        line_search_fn="strong_wolfe")
-    their_values = []
-
-    def their_closure():
-        their_optimizer.zero_grad()
-        logits, _ = theirs(x)
-        loss = torch.nn.MSELoss()(logits, torch.nn.functional.one_hot(y, K).float())
-        penalty = 0
-        for param in theirs.parameters():
-            penalty += 0.5 * args.weight_decay * torch.norm(param) ** 2
-        loss = loss + penalty
-        loss.backward()
-        their_values.append(loss.detach())
-        return loss
-    step = RecordedLBFGSStep(args.weight_decay)
-    step.values = []
-    for _ in range(3):
-        their_optimizer.step(their_closure)
-        step(optimizer, objective, x, y)
-    assert len(step.values) == len(their_values) > 3
-    assert torch.equal(torch.stack(step.values), torch.stack(their_values))
-    for (name, ours), theirs_p in zip(model.named_parameters(), theirs.parameters()):
-        assert torch.equal(ours, theirs_p), name
-
-
-def test_lbfgs_with_sep_decay_has_no_extra_penalty():
-    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--sep_decay", default="LBFGS")
-    before = full_loss(objective, x, y)  # MSE + the --sep_decay penalties, nothing else
-    first, _ = steps.make_lbfgs_step(args)(optimizer, objective, x, y)
-    assert first.item() == pytest.approx(before, rel=1e-5)  # as above
-
-
-def test_optimizer_settings():
-    _, model, sgd, *_ = tiny_setup("--optimizer", "SGD", "--lr", "0.05", "--weight_decay", "1e-3")
-    group = sgd.param_groups[0]
-    assert isinstance(sgd, torch.optim.SGD)
-    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 1e-3)
-    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in model.parameters())
-    _, _, adam, *_ = tiny_setup("--optimizer", "Adam", "--lr", "0.001")
-    group = adam.param_groups[0]
-    assert isinstance(adam, torch.optim.Adam)
-    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 5e-4)
-    _, _, lbfgs, *_ = tiny_setup("--optimizer", "LBFGS", "--history_size", "7", default="LBFGS")
-    group = lbfgs.param_groups[0]
-    assert isinstance(lbfgs, torch.optim.LBFGS)
-    assert (group["history_size"], group["line_search_fn"]) == (7, "strong_wolfe")
-    for name in ("SGD", "Adam"):
-        _, _, opt, *_ = tiny_setup("--optimizer", name, "--sep_decay")
-        assert all(g["weight_decay"] == 0 for g in opt.param_groups)
-
-
-def test_optimizer_skips_the_frozen_etf_weight():
-    args = train_parser().parse_args(["--ETF", "--fixdim", "10", "--SOTA"])
-    model = models.build_model(args, 10)
-    params = {id(p) for g in utils.make_optimizer(args, model).param_groups for p in g["params"]}
-    assert id(model.fc.weight) not in params and id(model.fc.bias) in params
-
-
-@pytest.mark.parametrize("decay_type, epochs, lrs", [
-    ("step", 5, [0.1, 0.1, 0.01, 0.01, 0.001]),  # --patience 2
-    ("step_1_3", 4, [0.1, 0.01, 0.01, 0.001]),
-    ("cosine", 4, [0.1, 0.1 * (1 + 2 ** -0.5) / 2, 0.05, 0.1 * (1 - 2 ** -0.5) / 2]),
-])
-def test_schedulers(decay_type, epochs, lrs):
-    args, model, optimizer, *_ = tiny_setup("--lr", "0.1", "--decay_type", decay_type, "--patience", "2",
-                                            "--epochs", str(epochs))
-    scheduler = utils.make_scheduler(args, optimizer)
-    seen = []
-    for _ in range(epochs):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx(lrs)  # Python floats from the schedules' formulas: ~1e-16 apart
 
 
 # ---------------------------------------------------------------------------- short runs
@@ -308,7 +171,6 @@ def test_run_files_follow_the_umask(tiny_argv):
 
 
 # ---------------------------------------------------------------------------- bad input
-
 
 
 # Each subprocess pays the torch import (seconds on a small machine): two cases, one per kind of refusal
@@ -465,29 +327,6 @@ def test_deterministic_changes_nothing_on_the_cpu_and_may_change_on_resume(tiny_
     assert read_run(det)[0]["deterministic"] is False and os.path.isfile(os.path.join(det, "epoch_002.pth"))
 
 
-@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), torch.optim.Adam],
-                         ids=["SGD", "Adam"])
-def test_a_resumed_optimiser_state_takes_its_parameters_layout(make):
-    """--deterministic switched on --resume turns a GPU run's ResNet from channels_last to NCHW (or
-    back); the loaded momentum and Adam moments follow it, since the fused GPU optimisers need the
-    strides of state and parameter equal. Their values stay the same."""
-    torch.manual_seed(0)
-    saved = models.ResNet18_adapt(width=4)  # NCHW
-    optimizer = make(saved.parameters())
-    saved(torch.randn(2, 3, 32, 32))[0].square().sum().backward()
-    optimizer.step()
-    model = models.ResNet18_adapt(width=4).to(memory_format=torch.channels_last)
-    resumed = make(model.parameters())
-    resumed.load_state_dict(optimizer.state_dict())
-
-    def states():  # (parameter, its loaded state tensor, the saved one) for state of the parameter's shape
-        return [(p, resumed.state[p][k], optimizer.state[q][k]) for p, q in zip(model.parameters(), saved.parameters())
-                for k in resumed.state[p] if resumed.state[p][k].shape == p.shape]
-    assert any(v.stride() != p.stride() for p, v, _ in states())  # as loaded: the saved layout
-    optimizers.match_parameter_layout(resumed)
-    assert all(v.stride() == p.stride() and torch.equal(v, before) for p, v, before in states())
-
-
 def test_a_resume_whose_data_order_was_drawn_elsewhere_goes_on_reseeded_with_a_note(tiny_argv, capsys):
     """A device loader's generator saved on a GPU (16 bytes: seed and offset) cannot be loaded into
     the CPU's: the resumed run is reseeded, the same way each time, and says so."""
@@ -504,3 +343,378 @@ def test_a_resume_whose_data_order_was_drawn_elsewhere_goes_on_reseeded_with_a_n
     twin = train_1st_order.main(tiny_argv("twin", "--resume", "--epochs", "2"))
     a, b = (torch.load(os.path.join(d, "epoch_002.pth"), weights_only=True) for d in (run, twin))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------- runs that survive being killed, diverging and bad input
+# Atomic writes, --resume from the last complete epoch, a clean stop on a non-finite loss and a resumable
+# validate_NC.py. Killed runs are subprocesses started through tests/harness.py, which SIGKILLs them at a
+# chosen instant; they are all started at once by one module fixture, because each pays the torch import.
+# Uninterrupted references and the resumes run in this process. "Bitwise" means torch.equal on every
+# tensor of every epoch_NNN.pth (and of last.pth). Processes of their own: slow (see pytest.ini).
+
+EPOCHS = 4
+
+
+BATCHES = 7  # 200 training images (20 per class) in batches of 32, the last one of 8
+
+
+RUN = tiny_run(sample_size=20, batch_size=32, epochs=None)
+
+
+# Fake CIFAR-10 (20 images per class) with --SOTA crop/flip augmentation, which draws random numbers
+# every batch: from the global torch generator in the DataLoader path (--loader torch, no workers),
+# from the loader's own generator in the device path. CIFAR10_DIR is filled in by the `runs` fixture.
+CIFAR10_DIR = "<cifar10 data>"
+
+
+AUGMENTED = ["--lr", "0.05", "--dataset", "cifar10", "--data_dir", CIFAR10_DIR, "--SOTA"]
+
+
+# The kinds of run: (script, its main, the flags added to RUN).
+KINDS = {
+    "sgd": ("train_1st_order.py", train_1st_order.main, ["--lr", "0.05"]),
+    "lbfgs": ("train_2nd_order.py", train_2nd_order.main, ["--history_size", "5"]),
+    "torch": ("train_1st_order.py", train_1st_order.main, AUGMENTED + ["--loader", "torch"]),
+    "augmented": ("train_1st_order.py", train_1st_order.main, AUGMENTED + ["--loader", "device"]),
+}
+
+
+data_dirs = {}  # CIFAR10_DIR -> the folder the fixture wrote
+
+
+# Renames of a fresh run (the before_rename@n count of tests/harness.py): 1 args.json, then per epoch e
+# 2e epoch_00e.pth and 2e+1 last.pth. A resumed run starts counting at its first checkpoint.
+KILLS = {
+    # name: (kind, the fault of each killed process in turn (the 2nd and later run with --resume),
+    #        the epochs whose checkpoints are complete after the kills, where each later resume starts)
+    "first_batch": ("sgd", ["batch:1:1"], 0, [0]),
+    "mid_epoch": ("sgd", ["batch:3:2"], 2, [2]),
+    "last_batch": ("sgd", [f"batch:{EPOCHS}:{BATCHES}"], 3, [3]),
+    "saving_checkpoint": ("sgd", ["before_rename@6"], 2, [2]),  # epoch_003.pth
+    "saving_state": ("sgd", ["before_rename@7"], 3, [2]),  # last.pth after epoch_003.pth landed
+    "saving_final_state": ("sgd", [f"before_rename@{2 * EPOCHS + 1}"], 4, [3]),
+    "killed_twice": ("sgd", ["before_rename@4", "batch:3:3"], 2, [1, 2]),  # mid-save, then mid-epoch on resume
+    "lbfgs_mid_epoch": ("lbfgs", ["batch:2:4"], 1, [1]),
+    "torch_loader_mid_epoch": ("torch", ["batch:3:5"], 2, [2]),
+    "augmented_mid_epoch": ("augmented", ["batch:2:6"], 1, [1]),
+}
+
+
+# A learning rate that becomes 0.05 * 1e30 after epoch 2: the first step of epoch 3 throws the
+# weights to ~1e25, so the loss of its second batch overflows, whatever the data and the numerics.
+DIVERGING = ["--lr", "0.05", "--decay_type", "step_2", "--gamma", "1e30"]
+
+
+def argv(kind, save_dir, uid, *extra):
+    """The command line of a run; a resume names no --epochs unless `extra` does (it continues as recorded)."""
+    extra = [str(e) for e in extra]
+    epochs = [] if "--resume" in extra else ["--epochs", str(EPOCHS)]
+    flags = [data_dirs.get(f, f) for f in KINDS[kind][2]]
+    return RUN + flags + epochs + ["--save_dir", str(save_dir), "--uid", uid] + extra
+
+
+def spawn(script, args, log, fault=None):
+    """Start a script through tests/harness.py, killed at `fault` if given; its output goes to the
+    file `log` (a pipe nobody reads could fill and stall it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same sums as this process (one thread, below)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(harness.command(script, *args, kill=fault), cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def finish(proc):
+    """(exit status, output) of a process; a run killed at its fault has status -9 (SIGKILL)."""
+    proc.wait(timeout=300)
+    with open(proc.log) as f:
+        return proc.returncode, f.read()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses have (OMP_NUM_THREADS=1): the same sums, bit for bit."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        fake_data.skip_cifar10_checksums(mp.setattr)  # the fake CIFAR-10 files, read in this process
+        yield make_runs(tmp_path_factory)
+
+
+def make_runs(tmp_path_factory):
+    """Start every killed run, make the uninterrupted references meanwhile, and wait.
+
+    Returns a dict: 'ref' {kind: run dir} (plus 'sgd6': 6 epochs), 'ref_info' (info.pkl and
+    test_log.txt of an uninterrupted validation of ref['sgd']), 'killed' {name: (save_dir, [(rc, output)])},
+    'saving_args', 'diverging' and 'validation': (directory, rc, output).
+    """
+    root = tmp_path_factory.mktemp("resume")
+    fake_data.write_cifar10(str(root / "cifar10"), per_class_per_batch=4)
+    data_dirs[CIFAR10_DIR] = str(root / "cifar10")
+    killed, procs, logs = {}, {}, root / "logs"
+    logs.mkdir()
+    for name, (kind, faults, _, _) in KILLS.items():
+        killed[name] = (root / "killed", [])
+        procs[name] = spawn(KINDS[kind][0], argv(kind, root / "killed", name), logs / f"{name}.0", faults[0])
+    procs["saving_args"] = spawn("train_1st_order.py", argv("sgd", root / "killed", "saving_args"),
+                                 logs / "saving_args", "before_rename@1")
+    procs["diverging"] = spawn("train_1st_order.py", argv("sgd", root / "killed", "diverging", *DIVERGING),
+                               logs / "diverging")
+
+    ref = {kind: Path(KINDS[kind][1](argv(kind, root / "ref", kind))) for kind in KINDS}
+    validation = shutil.copytree(ref["sgd"], root / "validation")
+    procs["validation"] = spawn("validate_NC.py", ["--load_path", str(validation), "--device", "cpu"],
+                                logs / "validation", "before_rename@3")  # at nc_results/epoch_003.pkl
+    ref["sgd6"] = Path(train_1st_order.main(argv("sgd", root / "ref", "sgd6", "--epochs", 6)))
+    validated = shutil.copytree(ref["sgd"], root / "validated")
+    validate_NC.main(["--load_path", str(validated), "--device", "cpu"])
+    ref_info = (load_pickle(validated / "info.pkl"), (validated / "test_log.txt").read_text())
+
+    pending = dict(procs)
+    while pending:  # a killed run with more faults is resumed (and killed again) as soon as it dies
+        for name, proc in list(pending.items()):
+            if proc.poll() is None:
+                continue
+            del pending[name]
+            if name not in KILLS:
+                continue
+            kind, faults, _, _ = KILLS[name]
+            save_dir, results = killed[name]
+            results.append(finish(proc))
+            if len(results) < len(faults):
+                pending[name] = spawn(KINDS[kind][0], argv(kind, save_dir, name, "--resume"),
+                                      logs / f"{name}.{len(results)}", faults[len(results)])
+        if pending:
+            next(iter(pending.values())).wait(timeout=300)
+    return {"ref": ref, "ref_info": ref_info, "killed": killed,
+            "saving_args": (root / "killed" / "saving_args",) + finish(procs["saving_args"]),
+            "diverging": (root / "killed" / "diverging",) + finish(procs["diverging"]),
+            "validation": (Path(validation),) + finish(procs["validation"])}
+
+
+def checkpoint_names(run_dir):
+    return sorted(n for n in os.listdir(run_dir) if rundir.CHECKPOINT.match(n))
+
+
+def temporary_files(run_dir):
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".tmp_*"))
+
+
+def assert_bitwise_equal_runs(run_dir, reference, epochs=EPOCHS):
+    """Every tensor of every epoch_NNN.pth is equal, and so is all of last.pth but its arguments."""
+    names = checkpoint_names(run_dir)
+    assert names == checkpoint_names(reference) == [f"epoch_{e:03d}.pth" for e in range(1, epochs + 1)]
+    for name in names:
+        ours = torch.load(os.path.join(run_dir, name), weights_only=True)
+        theirs = torch.load(os.path.join(reference, name), weights_only=True)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs from the uninterrupted run"
+    ours, theirs = (torch.load(os.path.join(d, rundir.LAST), weights_only=False) for d in (run_dir, reference))
+    assert ours["epoch"] == theirs["epoch"] == epochs
+    for key in ("model", "optimizer", "scheduler", "rng", "loader_rng"):
+        assert same(ours[key], theirs[key]), f"last.pth: {key} differs from the uninterrupted run"
+
+
+def assert_complete_files(run_dir):
+    """Every file of the run but the temporary ones reads back whole."""
+    for path in run_dir.rglob("*"):
+        if path.is_dir() or path.name.startswith(".tmp_"):
+            continue
+        if path.suffix == ".pth":
+            torch.load(path, weights_only=False)
+        elif path.suffix == ".pkl":
+            load_pickle(path)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
+def resumed_after(run_dir):
+    """The epoch each start of the run resumed after, from train_log.txt."""
+    return [int(e) for e in re.findall(r"^resumed after epoch (\d+)", (run_dir / rundir.TRAIN_LOG).read_text(), re.M)]
+
+
+def copy_run(reference, tmp_path, uid="copy"):
+    """A private copy of a finished run, under another --save_dir (a run may be moved and resumed there)."""
+    return Path(shutil.copytree(reference, tmp_path / "moved" / uid))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KILLS))
+def test_a_killed_run_resumes_to_the_same_checkpoints(runs, name):
+    kind, faults, complete, starts = KILLS[name]
+    save_dir, results = runs["killed"][name]
+    run_dir = save_dir / name
+    assert [rc for rc, _ in results] == [-9] * len(faults), [out[-2000:] for _, out in results]
+    # what the kills left: the complete epochs, whole files, and only the one write cut short
+    assert checkpoint_names(run_dir) == [f"epoch_{e:03d}.pth" for e in range(1, complete + 1)]
+    assert_complete_files(run_dir)
+    assert len(temporary_files(run_dir)) == (1 if faults[-1].startswith("before_rename") else 0)
+
+    KINDS[kind][1](argv(kind, save_dir, name, "--resume"))
+    # nothing was lost but the epoch in progress (or the one whose state was being saved)
+    assert resumed_after(run_dir) == starts
+    assert_bitwise_equal_runs(run_dir, runs["ref"][kind])
+    assert temporary_files(run_dir) == []
+    assert json.loads((run_dir / rundir.ARGS).read_text()) == \
+        json.loads((runs["ref"][kind] / rundir.ARGS).read_text()) | {"save_dir": str(save_dir), "uid": name}
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_its_arguments_can_be_started_again(runs, capsys):
+    run_dir, rc, out = runs["saving_args"]
+    assert rc == -9, out[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != rundir.TRAIN_LOCK) == temporary_files(run_dir)
+    assert len(temporary_files(run_dir)) == 1
+    message = refused(capsys, train_1st_order.main, argv("sgd", run_dir.parent, "saving_args", "--resume"))
+    assert "no run" in message and str(run_dir) in message
+    train_1st_order.main(argv("sgd", run_dir.parent, "saving_args"))  # no --force needed: there was no run
+    assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd"])
+    assert temporary_files(run_dir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["epoch_004.pth", "last.pth"])
+def test_a_truncated_newest_file_is_detected_and_its_epoch_redone(runs, tmp_path, capsys, victim):
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    with open(run_dir / victim, "r+b") as f:
+        f.truncate(os.path.getsize(run_dir / victim) // 2)
+    train_1st_order.main(argv("sgd", run_dir.parent, "copy", "--resume"))
+    assert resumed_after(run_dir) == [EPOCHS - 1]
+    assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd"])
+    # both states are usable again: killed now, the run would still resume
+    assert torch.load(run_dir / rundir.PREVIOUS, weights_only=False)["epoch"] == EPOCHS - 1
+    assert "cannot resume from" in capsys.readouterr().out  # and it said why it went back an epoch
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing(runs, tmp_path, capsys):
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    files, dirs = fake_data.snapshot_tree(run_dir)
+    capsys.readouterr()
+    train_1st_order.main(argv("sgd", run_dir.parent, "copy", "--resume"))
+    assert "nothing to do" in capsys.readouterr().out
+    after, after_dirs = fake_data.snapshot_tree(run_dir)
+    assert after_dirs == dirs and after.keys() == files.keys()
+    bookkeeping = (rundir.TRAIN_LOG, rundir.TRAIN_LOCK)  # the lock holds the pid of its last owner
+    assert {k: v for k, v in after.items() if k not in bookkeeping} == \
+        {k: v for k, v in files.items() if k not in bookkeeping}
+    assert after[rundir.TRAIN_LOG][0].startswith(files[rundir.TRAIN_LOG][0])  # one line added to the log
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_continues_as_if_planned_from_the_start(runs, tmp_path):
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    train_1st_order.main(argv("sgd", run_dir.parent, "copy", "--resume", "--epochs", 6))
+    assert resumed_after(run_dir) == [EPOCHS]
+    assert_bitwise_equal_runs(run_dir, runs["ref"]["sgd6"], epochs=6)
+    # the new end is recorded: a plain --resume after this goes no further than 6, and no less
+    assert json.loads((run_dir / rundir.ARGS).read_text())["epochs"] == 6
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_survives_a_kill_of_the_extension(runs, tmp_path):
+    """Extending a run records the new end first, so that a plain --resume after a crash reaches it."""
+    run_dir = copy_run(runs["ref"]["sgd"], tmp_path)
+    args = argv("sgd", run_dir.parent, "copy", "--resume")
+    train_1st_order.main(args + ["--epochs", "5"])
+    os.remove(run_dir / "epoch_005.pth")  # as if epoch 5 had been cut short: its last.pth is unusable now
+    train_1st_order.main(args)
+    assert resumed_after(run_dir) == [EPOCHS, EPOCHS]
+    assert checkpoint_names(run_dir)[-1] == "epoch_005.pth"
+    ref5 = torch.load(runs["ref"]["sgd6"] / "epoch_005.pth", weights_only=True)
+    assert same(torch.load(run_dir / "epoch_005.pth", weights_only=True), ref5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.1"], ["--lr 0.1 (recorded: 0.05)"]),
+    (["--width", "64", "--seed", "7"], ["--width 64 (recorded: 32)", "--seed 7 (recorded: 6)"]),
+    (["--optimizer", "Adam"], ["--optimizer Adam (recorded: SGD)"]),
+    (["--loader", "device"], ["--loader device (recorded: torch)"]),
+])
+def test_resume_with_differing_arguments_is_refused_naming_them(runs, tmp_path, capsys, flags, named):
+    kind = "torch" if "--loader" in flags else "sgd"
+    run_dir = copy_run(runs["ref"][kind], tmp_path)
+    before = fake_data.snapshot_tree(tmp_path)
+    message = refused(capsys, train_1st_order.main, argv(kind, run_dir.parent, "copy", "--resume") + flags)
+    assert all(n in message for n in named), message
+    assert fake_data.snapshot_tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_resume_of_a_missing_run_says_so(tmp_path, capsys):
+    message = refused(capsys, train_1st_order.main, argv("sgd", tmp_path / "runs", "nobody", "--resume"))
+    assert "no run" in message and str(tmp_path / "runs" / "nobody") in message
+    message = refused(capsys, train_1st_order.main, RUN + ["--save_dir", str(tmp_path / "runs"), "--resume"])
+    assert "--uid" in message
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_other_epochs_is_refused_under_a_cosine_schedule(tmp_path, capsys):
+    args = argv("sgd", tmp_path, "cos", "--decay_type", "cosine", "--epochs", 2)
+    run_dir = train_1st_order.main(args)
+    before = fake_data.snapshot_tree(run_dir)
+    message = refused(capsys, train_1st_order.main, args + ["--resume", "--epochs", "3"])
+    assert "--epochs 3" in message and "cosine" in message
+    assert fake_data.snapshot_tree(run_dir) == before
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_batch(runs):
+    run_dir, rc, out = runs["diverging"]
+    assert rc not in (0, -9) and "Traceback" not in out, out[-2000:]
+    errors = re.findall(r"error: [^\r\n]*", out)  # (the progress bar may share its line)
+    assert len(errors) == 1 and "non-finite" in errors[0], out[-2000:]
+    assert "epoch 3, batch 2" in errors[0]
+    # every checkpoint before it is kept, whole, and the same as in a run that did not diverge
+    assert checkpoint_names(run_dir) == ["epoch_001.pth", "epoch_002.pth"]
+    assert torch.load(run_dir / rundir.LAST, weights_only=False)["epoch"] == 2
+    for name in checkpoint_names(run_dir):
+        assert same(torch.load(run_dir / name, weights_only=True),
+                    torch.load(runs["ref"]["sgd"] / name, weights_only=True))
+    assert "stopped:" in (run_dir / rundir.TRAIN_LOG).read_text()
+    assert temporary_files(run_dir) == []
+
+
+@pytest.mark.slow
+def test_killed_validation_reruns_to_the_same_info(runs, capsys):
+    run_dir, rc, out = runs["validation"]
+    assert rc == -9, out[-2000:]
+    results = run_dir / rundir.RESULTS
+    assert sorted(os.listdir(results)) == temporary_files(results) + ["epoch_001.pkl", "epoch_002.pkl"]
+    assert len(temporary_files(results)) == 1 and not (run_dir / "info.pkl").exists()
+    assert_complete_files(run_dir)
+    capsys.readouterr()
+    validate_NC.main(["--load_path", str(run_dir), "--device", "cpu"])
+    assert "(2 computed, 2 reused, 0 skipped)" in capsys.readouterr().out
+    info, log = runs["ref_info"]
+    assert same(load_pickle(run_dir / "info.pkl"), info)
+    assert (run_dir / "test_log.txt").read_text() == log
+
+
+@pytest.mark.slow
+def test_validation_follows_a_run_that_is_still_training(runs, tmp_path, capsys):
+    """Validate after 2 epochs, train on to 4, validate again: only the new checkpoints are computed."""
+    save_dir = tmp_path / "runs"
+    run_dir = train_1st_order.main(argv("sgd", save_dir, "growing", "--epochs", 2))
+    validate = ["--load_path", str(run_dir), "--device", "cpu"]
+    validate_NC.main(validate)
+    train_1st_order.main(argv("sgd", save_dir, "growing", "--resume", "--epochs", EPOCHS))
+    capsys.readouterr()
+    validate_NC.main(validate)
+    assert "(2 computed, 2 reused, 0 skipped)" in capsys.readouterr().out
+    info, log = runs["ref_info"]
+    assert same(load_pickle(os.path.join(run_dir, "info.pkl")), info)
+    # a checkpoint written again (a redone epoch) is not mistaken for the old one
+    os.utime(os.path.join(run_dir, "epoch_004.pth"), ns=(0, 0))
+    validate_NC.main(validate)
+    assert "(1 computed, 3 reused, 0 skipped)" in capsys.readouterr().out
+    assert same(load_pickle(os.path.join(run_dir, "info.pkl")), info)

@@ -1,5 +1,5 @@
 """The unconstrained feature model (ufm.py): the closed form against optimisers, the strict saddles
-and the escape from one, the Hessian at the optimum, the run directory, and bad input."""
+and the escape from one, the Hessian at the optimum, the run directory, a registered loss and measure, and bad input."""
 import math
 import os
 import pickle
@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
+from helpers import refused
 from nclib import ufm
 import ufm as ufm_script
-from conftest import refused
 
 SETTINGS = [  # (K, n, d, lambda_W, lambda_H, bias): c < 1; c < 1 unequal lambdas; no bias; c >= 1; d < K - 1
     (4, 5, 8, 0.01, 0.01, True),
@@ -273,14 +273,39 @@ def test_plot_landscape_refuses_grids_outside_its_range_in_one_line(capsys, tmp_
 def test_plot_landscape_panels_share_one_colour_scale():
     import matplotlib.pyplot as plt
     import plot_landscape
+    from nclib import landscape
     args = plot_landscape.parser().parse_args(["--points", "11"])
-    panels = plot_landscape.panels(args)
-    ranges = {loss: (plot_landscape.log_loss(v).min(), plot_landscape.log_loss(v).max())
+    panels = landscape.panels(args)
+    ranges = {loss: (landscape.log_loss(v).min(), landscape.log_loss(v).max())
               for loss, (_, _, v, _) in panels.items()}
     assert len(set(ranges.values())) == 3  # each panel alone would get a scale of its own
-    limits = plot_landscape.color_limits(panels)
+    limits = landscape.color_limits(panels)
     assert limits == (min(lo for lo, _ in ranges.values()), max(hi for _, hi in ranges.values()))
     for loss, panel in panels.items():
-        fig = plot_landscape.figure(loss, panel, args, limits)
+        fig = landscape.figure(loss, panel, args, limits)
         assert fig.axes[0].collections[0].get_clim() == limits, loss
         plt.close(fig)
+
+
+def test_the_script_runs_a_registered_loss_whose_data_term_is_the_mean_of_its_per_sample(dummy_loss, tmp_path, capsys):
+    out = tmp_path / "ufm_dummy"
+    theta, results = ufm_script.main(["--loss", "Dummy", "--K", "3", "--n", "4", "--d", "4", "--optimizer", "GD",
+                                      "--iters", "20", "--log_every", "5", "--out", str(out)])
+    assert "closed form: only for MSE (this run: Dummy)" in capsys.readouterr().out
+    assert os.path.exists(out / "info.pkl") and max(results) == 20
+    model = ufm.UFM(3, 4, 4, 5e-3, 5e-3, loss="Dummy")
+    W, H, b = model.split(theta)
+    logits = (W @ H + b[:, None]).T
+    assert model.data_term(W, H, b).item() == pytest.approx(dummy_loss.per_sample(logits, model.y).mean().item(),
+                                                            rel=1e-12)
+
+
+def test_the_script_writes_a_registered_measure_in_info_pkl_and_its_log(dummy_measure, tmp_path):
+    out = tmp_path / "ufm_measured"
+    ufm_script.main(["--K", "3", "--n", "4", "--d", "4", "--iters", "10", "--log_every", "5", "--measures", "dummy",
+                     "--out", str(out)])
+    with open(out / "info.pkl", "rb") as f:
+        info = pickle.load(f)
+    assert info["epochs"] == [0, 5, 10] and info["dummy_metric"] == [0.75, 0.75, 0.75]  # K / 4
+    logged = (out / "test_log.txt").read_text().strip().splitlines()
+    assert len(logged) == 3 and all(line.endswith(" | dummy_metric 0.75") for line in logged), logged

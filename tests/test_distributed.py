@@ -1,4 +1,5 @@
-"""One run on several processes (torchrun, DistributedDataParallel), on the CPU with gloo and 2 ranks.
+"""nclib/distributed.py: one run on several processes (torchrun, DistributedDataParallel), on the CPU
+with gloo and 2 ranks.
 
 The slow tests start torchrun as a subprocess, as a user would; the refusals are checked in-process
 with a pretended world of 2 ranks (each torchrun start costs seconds of imports per rank)."""
@@ -14,14 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
+from helpers import load_pickle, refused, REPO, TESTS
+from nclib import base, cli, measure
 import rounding
-from conftest import REPO, TESTS, load_pickle, refused
-from nclib import base
-from nclib import cli
-from nclib import measure
 
-RUN = ["--model", "MLP", "--width", "32", "--depth", "1", "--dataset", "mnist_sample", "--sample_size", "20",
-       "--batch_size", "32", "--epochs", "2", "--device", "cpu", "--num_workers", "0"]
+RUN = tiny_run(sample_size=20, batch_size=32, nc_every=None)
 # Validation under torchrun measures one block of each split per rank. With --batch_size 50 every batch,
 # a rank's or one process's, has 50 images (200 training images = 2 ranks x 2 x 50, 1000 test images =
 # 2 x 10 x 50), so each rank computes its float32 features bit for bit as one process does (the same
@@ -100,7 +99,6 @@ def checkpoint(run_dir, epoch):
     """(model, data) of a run's checkpoint, in one process."""
     import datasets
     import models
-    import validate_NC
     args = argparse.Namespace(**json.loads((run_dir / "args.json").read_text()))
     data = datasets.load_data(args.dataset, args.data_dir, args.sample_size)
     model, _ = models.build_on_device(args, data.num_classes, torch.device("cpu"))
@@ -113,7 +111,6 @@ def bounds(model, data, errors_of):
     errors_of(h, S, n) says, [(h, logits, labels, input magnitudes S, n)] of each split, the last layer):
     the bounds are taken about features computed in one batch per split."""
     import datasets
-    import validate_NC
     forward = measure.EvalForward(model)
     splits = []
     for loader in datasets.make_loaders(data, 10 ** 6, torch.device("cpu"), train=False, num_workers=0):
@@ -139,7 +136,6 @@ def assert_within(a, b, bound, key, rtol=None):
 
 @pytest.mark.slow
 def test_nc_of_two_ranks_equals_one_process(two_rank_run, tmp_path, single_thread):
-    import validate_NC
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         shutil.copytree(two_rank_run, d, ignore=shutil.ignore_patterns("nc_results", "info.pkl", "test_log.txt"))
@@ -163,7 +159,6 @@ def test_another_batch_size_moves_nc_within_the_float32_bound(two_rank_run, sing
     """What a 2-rank validation whose blocks have other shapes than one process's batches adds: the
     float32 features summed in another order (here in one process: batches of 64 against 50)."""
     import datasets
-    import validate_NC
     for epoch in (1, 2):
         model, data = checkpoint(two_rank_run, epoch)
         results = [measure.evaluate(model, *datasets.make_loaders(data, int(size), torch.device("cpu"),
@@ -328,3 +323,30 @@ def test_each_rank_gets_its_block_of_the_global_batch():
         return [y.tolist() for _, y in loader]
     one, r0, r1 = batches(None), batches((0, 2)), batches((1, 2))
     assert [a + b for a, b in zip(r0, r1)] == one
+
+
+# ---------------------------------------------------------------------------- in one process
+
+def test_decided_on_rank_zero_in_one_process_is_decides_value():
+    from nclib import distributed
+    assert distributed.decided_on_rank_zero(lambda: {"epoch": 3}) == {"epoch": 3}
+
+
+def test_decided_on_rank_zero_in_one_process_raises_decides_user_error_as_it_is():
+    from nclib import distributed
+    from nclib.base import RefusedOnRankZero, UserError
+    error = UserError("--resume: no run here")
+
+    def decide():
+        raise error
+    with pytest.raises(UserError) as e:
+        distributed.decided_on_rank_zero(decide)
+    assert e.value is error and not isinstance(e.value, RefusedOnRankZero)
+
+
+def test_measures_refused_under_torchrun(two_ranks, capsys, tmp_path):
+    import train_1st_order
+    line = refused(capsys, train_1st_order.main, RUN + ["--save_dir", str(tmp_path), "--uid", "r", "--measures", "cdnv"])
+    assert line == ("error: --measures are measured by one process: run without torchrun, or validate afterwards "
+                    "with validate_NC.py")
+    assert not (tmp_path / "r").exists()

@@ -1,20 +1,19 @@
-"""validate_NC.py end to end on short mnist_sample runs."""
+"""nclib/validation.py: validate_NC.py end to end on short mnist_sample runs."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
 import datasets
+from helpers import load_pickle, train_tiny, unvalidated_copy
 import models
-from nclib import nc
+from nclib import measure, nc
 import rounding
 import validate_NC
-from conftest import load_pickle, train_tiny, unvalidated_copy
-from nclib import measure
 
-TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "32", "--depth", "1", "--sample_size", "60",
-        "--lr", "0.05", "--device", "cpu", "--batch_size", "64"]
+TINY = tiny_run(sample_size=60, lr=0.05, batch_size=64, epochs=None, nc_every=None, num_workers=None)
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,28 @@
-"""The NC measures of the literature (nc.py's MEASURES, validate_NC.py --measures and --layers):
-direct float64 references, collapsed configurations, invariances, layer hooks, info.pkl, bad input."""
+"""nclib/measure.py and the NC measures of the literature (nc.py's MEASURES, validate_NC.py --measures and
+--layers): direct float64 references, collapsed configurations, invariances, layer hooks, info.pkl, bad
+input; a measure registered in one place; NC measured while training (--nc_every)."""
 import itertools
+import json
 import math
 import os
 import pickle
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_run
+import harness
+from helpers import load_pickle, refused, REPO, same, train_tiny, unvalidated_copy
 import models
-from nclib import nc
-import validate_NC
-from conftest import refused, train_tiny, unvalidated_copy
 from models import simplex_etf
+from nclib import measure, nc, rundir
 from nclib.base import UserError
-from nclib import measure
+import plot_runs
+import train_1st_order
+import validate_NC
 
 
 # ---------------------------------------------------------------------------- references in numpy
@@ -202,7 +208,6 @@ def test_layer_measures_vanish_on_an_exact_collapse():
     assert abs(out["NC1"]) < 1e-12 and abs(out["trace_ratio"]) < 1e-12 and out["ncc"] == 1.0
 
 
-
 @pytest.mark.parametrize("model", [models.MLP(hidden=16, depth=3, num_classes=4),
                                    models.ResNet18_adapt(width=4, num_classes=4)])
 def test_layer_hooks_give_the_models_h_at_the_penultimate_layer(model):
@@ -239,8 +244,7 @@ def test_an_unknown_measure_is_a_user_error_listing_the_valid_ones():
 
 # ---------------------------------------------------------------------------- validate_NC.py end to end
 
-TINY = ["--dataset", "mnist_sample", "--model", "MLP", "--width", "16", "--depth", "2", "--sample_size", "20",
-        "--lr", "0.05", "--device", "cpu", "--batch_size", "64", "--num_workers", "0", "--nc_every", "0"]
+TINY = tiny_run(width=16, depth=2, sample_size=20, lr=0.05, batch_size=64, epochs=None)
 
 
 @pytest.fixture(scope="module")
@@ -313,44 +317,6 @@ def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
         pickle.dump(info, f)
 
 
-@pytest.mark.slow
-def test_plot_runs_draws_any_scalar_key_and_the_layers(tmp_path, capsys):
-    import plot_runs
-    write_info(str(tmp_path / "a"))
-    write_info(str(tmp_path / "b"), layers=False)
-    out = tmp_path / "fig"
-    plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "cdnv_metric", "ncc_train",
-                    "--out_dir", str(out)])
-    names = set(os.listdir(out))
-    assert {"cdnv_metric.png", "ncc_train.pdf", "NC1.png"} <= names
-    for q in nc.LAYER_MEASURES:
-        assert f"a_layers_{q}_depth.png" in names and f"a_layers_{q}_epoch.png" in names
-    assert not any(n.startswith("b_layers") for n in names)
-
-
-def test_plot_runs_refuses_a_key_that_is_not_a_scalar_per_epoch(tmp_path, capsys):
-    import plot_runs
-    write_info(str(tmp_path / "a"))
-    for key in ("W", "no_such_key"):
-        line = refused(capsys, plot_runs.main, [str(tmp_path / "a"), "--keys", key, "--out_dir", str(tmp_path / "f")])
-        assert f"--keys {key}: no run has it" in line and "cdnv_metric" in line
-
-
-@pytest.mark.slow
-def test_validate_bench_prints_the_measures_overhead_last():
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = ["--width", "64", "--depth", "2", "--num_samples", "500", "--num_workers", "0", "--device", "cpu",
-             "--measures", "all", "--layers", "--repeats", "1"]
-    out = subprocess.run([sys.executable, "bench/validate.py", *flags], cwd=repo, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    assert any(line.startswith("ratio: ") for line in lines) and lines[-1].startswith("measures_overhead: ")
-    float(lines[-1].split()[1])
-
-
 def test_equinorm_is_the_population_std_over_the_mean():
     # row norms 1 and 3: mean 2, population std (ddof 0) 1, so 0.5 (every step exact in float64, in
     # any order); the sample std (ddof 1) would give 1/sqrt(2)
@@ -362,3 +328,197 @@ def test_equinorm_is_the_population_std_over_the_mean():
     sample = norms.std(correction=1) / norms.mean()
     ratio = (sample / nc.equinorm(torch.diag(norms))).item()
     assert ratio == pytest.approx(math.sqrt(10 / 9), rel=1e-14) and round(100 * (ratio - 1), 1) == 5.4
+
+
+# ---------------------------------------------------------------------------- a measure registered in one place
+
+def test_all_measures_include_a_registered_one(dummy_measure):
+    assert measure.parse_measures(["all"]) == tuple(nc.MEASURES) and measure.parse_measures(["all"])[-1] == "dummy"
+    assert measure.parse_measures(["dummy"]) == ("dummy",)
+    assert "dummy_metric" in measure.extra_keys()
+
+
+def test_a_registered_measure_is_measured_by_validate_NC_and_at_every_layer(dummy_measure, run_copy):
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "dummy"])
+    info = pickle.loads(info_bytes(run_copy))
+    assert info["epochs"] == [1, 2] and info["dummy_metric"] == [2.5, 2.5]  # K / 4
+    validate_NC.main(["--load_path", run_copy, "--device", "cpu", "--measures", "dummy", "--layers"])
+    info = pickle.loads(info_bytes(run_copy))
+    assert info["dummy_metric"] == [2.5, 2.5]
+    for layers in info["layers"]:
+        assert list(layers) == ["hidden1", "h"] and all(entry["dummy_metric"] == 2.5 for entry in layers.values())
+
+
+def test_a_registered_measure_is_measured_in_run(dummy_measure, tiny_argv):
+    import train_1st_order
+    train_1st_order.main(tiny_argv("measured", "--measures", "dummy", "--nc_every", "1"))
+    with open(tiny_argv.save_dir / "measured" / "info.pkl", "rb") as f:
+        info = pickle.load(f)
+    assert info["epochs"] == [1, 2] and info["dummy_metric"] == [2.5, 2.5]
+
+
+# ---------------------------------------------------------------------------- NC measured while training
+# --nc_every with thinned checkpoints (--save_every): the in-run results equal validate_NC.py's bit for
+# bit, validation reuses them and keeps the epochs whose checkpoints were not kept, and a run killed
+# anywhere resumes to the same info.pkl.
+
+EPOCHS = 5
+
+
+# Checkpoints of epochs 2, 4 and 5 (the last); NC measured after every epoch.
+RUN = tiny_run(sample_size=20, batch_size=32, lr=0.05, epochs=EPOCHS, nc_every=1, save_every=2)
+
+
+# Renames of a fresh run (tests/harness.py's before_rename@N): 1 args.json; then per epoch its
+# checkpoint (even epochs and the last), its NC result, info.pkl, test_log.txt, last.pth.
+KILLS = {
+    "mid_epoch_3": "batch:3:2",
+    "nc_result_of_epoch_3": "before_rename@11",  # evaluated, not yet stored
+    "info_of_epoch_3": "before_rename@12",  # stored, info.pkl not yet rewritten
+    "state_of_epoch_3": "before_rename@14",  # all of epoch 3 written but its resume state
+    "checkpoint_of_epoch_4": "before_rename@15",
+}
+
+
+TIMES = ("seconds", "nc_seconds")  # what differs between two runs of the same numbers
+
+
+def argv(save_dir, uid, *extra):
+    return RUN + ["--save_dir", str(save_dir), "--uid", uid] + [str(e) for e in extra]
+
+
+def metrics_without_times(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in rundir.read_metrics(run_dir)]
+
+
+def checkpoints(run_dir):
+    return [e for e, _ in rundir.list_checkpoints(str(run_dir))]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same sums
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, one_thread):
+    """The uninterrupted run, trained in this process."""
+    return train_1st_order.main(argv(tmp_path_factory.mktemp("in_run_ref"), "ref"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ref):
+    """The killed runs (subprocesses, all started at once), and the reference."""
+    root = tmp_path_factory.mktemp("in_run")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for name, fault in KILLS.items():
+        log = open(root / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(harness.command("train_1st_order.py", *argv(root / "killed", name), kill=fault),
+                                       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for name, proc in procs.items():
+        assert proc.wait(timeout=300) == -9, (root / f"{name}.log").read_text()[-2000:]
+    # a copy of a killed run as it was left, before a test resumes it
+    in_progress = shutil.copytree(root / "killed" / "mid_epoch_3", root / "in_progress")
+    return {"ref": ref, "killed": root / "killed", "in_progress": in_progress}
+
+
+def test_a_run_records_every_epoch_and_keeps_the_thinned_checkpoints(ref):
+    ref = ref
+    info = load_pickle(os.path.join(ref, rundir.INFO))
+    assert info["epochs"] == [1, 2, 3, 4, 5] and set(info) == set(measure.INFO_KEYS) | {"epochs"}
+    assert checkpoints(ref) == [2, 4, 5]
+    records = rundir.read_metrics(ref)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["NC1"] for r in records] == info["collapse_metric"]
+    assert [r["test_acc1"] for r in records] == info["test_acc1"]
+    # train_acc1/5 are the measured accuracies, as in info.pkl; the training loop's are loop_acc1/5
+    assert [(r["train_acc1"], r["train_acc5"]) for r in records] == list(zip(info["train_acc1"], info["train_acc5"]))
+    assert all(0 <= r["loop_acc1"] <= r["loop_acc5"] <= 100 for r in records)
+    assert len(open(os.path.join(ref, rundir.TEST_LOG)).read().splitlines()) == 5
+
+
+def test_in_run_results_equal_validation_of_the_checkpoints_bitwise(ref, tmp_path, capsys):
+    ref, info = ref, load_pickle(os.path.join(ref, rundir.INFO))
+    fresh = shutil.copytree(ref, tmp_path / "fresh")
+    shutil.rmtree(fresh / rundir.RESULTS)
+    os.remove(fresh / rundir.INFO)
+    validate_NC.main(["--load_path", str(fresh), "--device", "cpu"])
+    measured = load_pickle(fresh / rundir.INFO)
+    assert measured["epochs"] == [2, 4, 5]  # only what the checkpoints hold
+    for key in measure.INFO_KEYS:
+        for e in (2, 4, 5):
+            assert same(measured[key][measured["epochs"].index(e)], info[key][e - 1]), (key, e)
+
+
+def test_validation_reuses_in_run_results_and_keeps_epochs_without_checkpoints(ref, tmp_path, capsys):
+    run = shutil.copytree(ref, tmp_path / "run")
+    info = load_pickle(run / rundir.INFO)
+    capsys.readouterr()
+    validate_NC.main(["--load_path", str(run), "--device", "cpu"])
+    assert "validated 5 epochs (0 computed, 5 reused, 0 skipped)" in capsys.readouterr().out
+    assert same(load_pickle(run / rundir.INFO), info)
+    # a checkpoint replaced by hand is measured again, never mixed up with the recorded result
+    state = torch.load(run / "epoch_004.pth", weights_only=True)
+    state["fc.bias"] += 1
+    torch.save(state, run / "epoch_004.pth")
+    validate_NC.main(["--load_path", str(run), "--device", "cpu"])
+    assert "(1 computed, 4 reused, 0 skipped)" in capsys.readouterr().out
+    after = load_pickle(run / rundir.INFO)
+    assert after["epochs"] == [1, 2, 3, 4, 5] and after["Wh_b_relation_metric"][3] != info["Wh_b_relation_metric"][3]
+    assert same(after["collapse_metric"][:3], info["collapse_metric"][:3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KILLS))
+def test_a_run_killed_anywhere_resumes_to_the_same_record(runs, name):
+    run_dir = runs["killed"] / name
+    train_1st_order.main(argv(runs["killed"], name, "--resume"))
+    ref = runs["ref"]
+    assert same(load_pickle(run_dir / rundir.INFO), load_pickle(os.path.join(ref, rundir.INFO)))
+    assert (run_dir / rundir.TEST_LOG).read_text() == open(os.path.join(ref, rundir.TEST_LOG)).read()
+    assert metrics_without_times(run_dir) == metrics_without_times(ref)  # each epoch once
+    lines = (run_dir / rundir.METRICS).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5]
+    assert checkpoints(run_dir) == [2, 4, 5]
+    for e in (2, 4, 5):
+        ours, theirs = (torch.load(os.path.join(d, f"epoch_{e:03d}.pth"), weights_only=True) for d in (run_dir, ref))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_a_run_still_training_can_be_plotted(runs, tmp_path):
+    """A run killed in epoch 3 looks like a run in progress: its info.pkl covers epochs 1-2."""
+    run = runs["in_progress"]
+    info = load_pickle(run / rundir.INFO)
+    assert info["epochs"] == [1, 2]
+    written = plot_runs.main([str(run), "--out_dir", str(tmp_path / "figures")])
+    assert written and all(os.path.getsize(p) > 1000 for p in written)
+
+
+def test_resume_may_change_nc_every_and_save_every(tmp_path):
+    run = train_1st_order.main(argv(tmp_path, "r", "--epochs", 2))
+    train_1st_order.main(argv(tmp_path, "r", "--resume", "--epochs", 4, "--nc_every", 2, "--save_every", 1))
+    log = open(os.path.join(run, rundir.TRAIN_LOG)).read()
+    assert "--nc_every 2 (was 1)" in log and "--save_every 1 (was 2)" in log
+    assert load_pickle(os.path.join(run, rundir.INFO))["epochs"] == [1, 2, 4]
+    assert checkpoints(run) == [2, 3, 4]
+    assert ["NC1" in r for r in rundir.read_metrics(run)] == [True, True, False, True]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--nc_every", "-1"], "--nc_every"), (["--save_every", "0"], "--save_every"),
+                                           (["--save_every", "1.5"], "--save_every"), (["--nc_every", "x"], "--nc_every")])
+def test_bad_nc_every_and_save_every_are_refused(tmp_path, capsys, flags, needle):
+    assert needle in refused(capsys, train_1st_order.main, argv(tmp_path, "bad", *flags))
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_validation_with_another_batch_size_keeps_every_epoch(ref, tmp_path, capsys):
+    """The batch size changes how sums round, not what is measured: the recorded results stand."""
+    run = shutil.copytree(ref, tmp_path / "run")
+    capsys.readouterr()
+    validate_NC.main(["--load_path", str(run), "--device", "cpu", "--batch_size", "64"])
+    assert "validated 5 epochs (0 computed, 5 reused, 0 skipped)" in capsys.readouterr().out

@@ -1,6 +1,8 @@
-"""CUDA graphs: where they are used (steps.build_step), that the graphed steps' host logic gives
+"""nclib/steps.py: the update rules (first-order and LBFGS steps against the authors'), and CUDA graphs:
+where they are used (steps.build_step), that the graphed steps' host logic gives
 the eager numbers (on the CPU, with the graph replaced by a re-run of the captured function), and on
 a GPU that the real graphs give the eager numbers."""
+import copy
 import json
 import os
 import subprocess
@@ -9,16 +11,14 @@ import sys
 import pytest
 import torch
 
+from args import train_parser
+from helpers import refused, REPO
 import models
-from nclib import optimizers
+from nclib import losses, optimizers, steps, training
+from nclib.losses import lbfgs_penalty
 import train_1st_order
 import train_2nd_order
-from nclib import training
 import utils
-from args import train_parser
-from conftest import REPO, refused
-from nclib.losses import lbfgs_penalty
-from nclib import steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -397,3 +397,98 @@ def test_a_gpu_resnet_resumed_with_deterministic_switched_trains_on(tiny_argv, o
     train_1st_order.main(tiny_argv("switched", *flags, "--resume", "--epochs", "3", "--no-deterministic"))
     state = torch.load(os.path.join(run, "epoch_003.pth"), map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "SGD", "--lr", "0.05"], ["--optimizer", "Adam", "--lr", "0.001"],
+                                   ["--optimizer", "SGD", "--lr", "0.05", "--sep_decay"],
+                                   ["--optimizer", "SGD", "--lr", "0.05", "--loss", "RescaledMSE", "--M", "3"],
+                                   ["--optimizer", "Adam", "--lr", "0.001", "--loss", "CrossEntropy"]])
+def test_first_order_step_lowers_the_loss(flags):
+    args, model, optimizer, objective, x, y = tiny_setup(*flags)
+    before = full_loss(objective, x, y)
+    for _ in range(5):
+        loss, logits = steps.first_order_step(optimizer, objective, x, y)
+        assert logits.shape == (12, K) and loss.dim() == 0 and not loss.requires_grad
+    assert full_loss(objective, x, y) < before
+
+
+def test_lbfgs_step_lowers_the_penalised_loss():
+    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
+    params = optimizers.trainable_parameters(model)
+    step = steps.make_lbfgs_step(args)
+    before = full_loss(objective, x, y, params, args.weight_decay)
+    first, _ = step(optimizer, objective, x, y)
+    # the logged loss is the penalised objective at the parameters the step started from: the same forward
+    # pass (same kernels, same shapes), the penalty added to the loss in another order (float32, a few u)
+    assert first.item() == pytest.approx(before, rel=1e-5)
+    for _ in range(2):
+        step(optimizer, objective, x, y)
+    assert full_loss(objective, x, y, params, args.weight_decay) < 0.9 * before
+
+
+def test_lbfgs_steps_are_bitwise_the_authors_steps():
+    """The authors' closure sums the penalty `0.5 * weight_decay * torch.norm(param) ** 2` over the
+    parameters first and then adds it to the loss. Ours does the same ops on the same shapes in the
+    same order, which rounds alike on every CPU, so every closure value of three strong-Wolfe steps
+    from the same start on the same batch, and every parameter after them, is bit for bit theirs
+    (adding each term to the loss in turn differed in the last bit, and the line search made that
+    a different step)."""
+    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--lr", "0.1", default="LBFGS")
+    theirs = copy.deepcopy(model)
+    their_optimizer = torch.optim.LBFGS(theirs.parameters(), lr=0.1, history_size=args.history_size,
+                                        line_search_fn="strong_wolfe")
+    their_values = []
+
+    def their_closure():
+        their_optimizer.zero_grad()
+        logits, _ = theirs(x)
+        loss = torch.nn.MSELoss()(logits, torch.nn.functional.one_hot(y, K).float())
+        penalty = 0
+        for param in theirs.parameters():
+            penalty += 0.5 * args.weight_decay * torch.norm(param) ** 2
+        loss = loss + penalty
+        loss.backward()
+        their_values.append(loss.detach())
+        return loss
+    step = RecordedLBFGSStep(args.weight_decay)
+    step.values = []
+    for _ in range(3):
+        their_optimizer.step(their_closure)
+        step(optimizer, objective, x, y)
+    assert len(step.values) == len(their_values) > 3
+    assert torch.equal(torch.stack(step.values), torch.stack(their_values))
+    for (name, ours), theirs_p in zip(model.named_parameters(), theirs.parameters()):
+        assert torch.equal(ours, theirs_p), name
+
+
+def test_lbfgs_with_sep_decay_has_no_extra_penalty():
+    args, model, optimizer, objective, x, y = tiny_setup("--optimizer", "LBFGS", "--sep_decay", default="LBFGS")
+    before = full_loss(objective, x, y)  # MSE + the --sep_decay penalties, nothing else
+    first, _ = steps.make_lbfgs_step(args)(optimizer, objective, x, y)
+    assert first.item() == pytest.approx(before, rel=1e-5)  # as above
+
+
+def tiny_setup(*flags, default="SGD"):
+    """An MLP on 12 fixed random images of 3 classes: (args, model, optimizer, objective, x, y)."""
+    torch.manual_seed(0)
+    args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
+    model = models.build_model(args, K)
+    optimizer = utils.make_optimizer(args, model)
+    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
+    x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
+    return args, model, optimizer, objective, x, y
+
+
+def full_loss(objective, x, y, params=(), weight_decay=0.0):
+    with torch.no_grad():
+        return (objective(x, y)[0] + (losses.lbfgs_penalty(0.0, params, weight_decay) if params else 0.0)).item()
+
+
+class RecordedLBFGSStep(steps.LBFGSStep):
+    """The LBFGS step, keeping the value of every evaluation of its closure."""
+    values = None
+
+    def evaluate(self, *args):
+        loss, logits = super().evaluate(*args)
+        self.values.append(loss)
+        return loss, logits
