@@ -136,6 +136,7 @@ def assert_within(a, b, bound, key, rtol=None):
 
 @pytest.mark.slow
 def test_nc_of_two_ranks_equals_one_process(two_rank_run, tmp_path, single_thread):
+    import validate_NC
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         shutil.copytree(two_rank_run, d, ignore=shutil.ignore_patterns("nc_results", "info.pkl", "test_log.txt"))
