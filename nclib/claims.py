@@ -1,0 +1,102 @@
+"""The paper's claims as checks on the runbook's runs (claims.py is the script).
+
+Each claim has a criterion, with its thresholds, fixed before the runs that test it, and a verdict:
+`holds`, `fails`, or `not run` when a run it needs is missing or stopped before its last epoch
+(never `holds`). A claim that is a conjunction fails as soon as a part measured without those
+runs fails. The runs are found by their names at a scale (nclib/scales.py) under a root; the UFM
+claims compute what they need in seconds with ufm.py.
+"""
+import math
+import os
+
+import rundir
+from nclib import scales
+
+VERDICTS = ("holds", "fails", "not run")
+NC_KEYS = {"NC1": "collapse_metric", "NC2": "ETF_metric", "NC3": "WH_relation_metric", "NC4": "Wh_b_relation_metric"}
+K = 10  # the classes of every network run at both scales (CIFAR-10; the MNIST sample)
+
+
+class NotRun(Exception):
+    """A run a claim needs is missing, unreadable, or not measured at its last epoch."""
+
+
+class Runs:
+    """The runs of one scale under one root."""
+
+    def __init__(self, root, scale):
+        self.root, self.scale = root, scale
+
+    def _read(self, flags):
+        name = self.scale.run_name(flags)
+        epochs = self.scale.epochs(flags)
+        try:
+            entries = rundir.info_entries(os.path.join(self.root, name))
+        except Exception:  # a damaged info.pkl is no measurement
+            entries = {}
+        if not entries or max(entries) < epochs:
+            raise NotRun(f"{name} (needs epoch {epochs}, has {max(entries) if entries else 'none'})")
+        return {e: entries[e] for e in sorted(entries) if e <= epochs}
+
+    def curve(self, figure, label):
+        """{epoch: info entry} of a figure's run by its label, up to its last epoch."""
+        return self._read(self.scale.table(figure)[1][label])
+
+    def final(self, figure, label):
+        curve = self.curve(figure, label)
+        return curve[max(curve)]
+
+    def second_seed_final(self, figure, label):
+        curve = self._read(self.scale.second_seed(figure, label))
+        return curve[max(curve)]
+
+
+def value(entry, name):
+    return float(entry[NC_KEYS.get(name, name)])
+
+
+# ---------------------------------------------------------------------------- the claims
+
+CLAIMS = []
+
+
+def claim(id, text, source, criterion):
+    """Register a check: fn(runs) -> (measured text, verdict)."""
+    def register(fn):
+        CLAIMS.append({"id": id, "claim": text, "source": source, "criterion": criterion, "check": fn})
+        return fn
+    return register
+
+
+def fmt(x):
+    return f"{x:.3g}"
+
+
+def verdict(ok):
+    return "holds" if ok else "fails"
+
+
+# optim-nc ----------------------------------------------------------------------------------------
+FIT_ACC = 99.0  # percent of training images: "fits the training set"
+FALL = 0.5  # NC1-NC3 at the end at most half their largest measured value
+
+
+@claim("optim-nc", "Under MSE, NC emerges with each of SGD, Adam and LBFGS: the network fits the training set "
+       "and NC1-NC4 fall over the terminal phase", "paper, experiments: NC across optimisers (plot_optim_mse.py)",
+       f"each of SGD, Adam, LBFGS: final train accuracy >= {FIT_ACC}%; final NC1, NC2, NC3 <= {FALL} x their "
+       "largest measured value; |NC4 - 1/sqrt(K)| (NC4's value at the UFM optimum with a bias, ufm.closed_form) "
+       "at the end <= at the first measured epoch")
+def optim_nc(runs):
+    parts, ok = [], True
+    for label in ("SGD", "Adam", "LBFGS"):
+        curve = runs.curve("optim", label)
+        first, last = curve[min(curve)], curve[max(curve)]
+        fits = value(last, "train_acc1") >= FIT_ACC
+        falls = all(value(last, n) <= FALL * max(value(e, n) for e in curve.values()) for n in ("NC1", "NC2", "NC3"))
+        nc4 = abs(value(last, "NC4") - K ** -0.5) <= abs(value(first, "NC4") - K ** -0.5)
+        ok &= fits and falls and nc4
+        parts.append(f"{label}: acc {value(last, 'train_acc1'):.1f}%, NC1 {fmt(value(last, 'NC1'))}, "
+                     f"NC2 {fmt(value(last, 'NC2'))}, NC3 {fmt(value(last, 'NC3'))}, NC4 {fmt(value(last, 'NC4'))}"
+                     + ("" if fits and falls and nc4 else
+                        f" ({', '.join(w for w, f in (('no fit', fits), ('no fall', falls), ('NC4 off', nc4)) if not f)})"))
+    return "; ".join(parts), verdict(ok)
