@@ -100,3 +100,24 @@ def optim_nc(runs):
                      + ("" if fits and falls and nc4 else
                         f" ({', '.join(w for w, f in (('no fit', fits), ('no fall', falls), ('NC4 off', nc4)) if not f)})"))
     return "; ".join(parts), verdict(ok)
+
+
+# etf-nc ------------------------------------------------------------------------------------------
+ETF_FACTOR, ETF_SLACK = 2.0, 0.01  # "collapses as a learned one does": within 2x (+0.01 near zero)
+D_PAIRS = {"512": ("learned, $d=512$", "fixed ETF, $d=512$"), "K": ("learned, $d=10$", "fixed ETF, $d=10$")}
+
+
+@claim("etf-nc", "A classifier fixed as a simplex ETF collapses as a learned one does, at d = 512 and at d = K",
+       "paper, experiments: fixed ETF classifier and d = K (plot_etf_mse.py)",
+       f"at d = 512 and d = K: the fixed-ETF run's final train accuracy >= {FIT_ACC}% and its final NC1, NC2, NC3 "
+       f"each <= {ETF_FACTOR:g} x the learned run's + {ETF_SLACK}")
+def etf_nc(runs):
+    parts, ok = [], True
+    for d, (learned, fixed) in D_PAIRS.items():
+        a, b = runs.final("etf", learned), runs.final("etf", fixed)
+        good = value(b, "train_acc1") >= FIT_ACC and all(
+            value(b, n) <= ETF_FACTOR * value(a, n) + ETF_SLACK for n in ("NC1", "NC2", "NC3"))
+        ok &= good
+        parts.append(f"d={d}: " + ", ".join(f"{n} {fmt(value(b, n))} vs {fmt(value(a, n))}" for n in ("NC1", "NC2", "NC3"))
+                     + f", train acc {value(b, 'train_acc1'):.1f}% (ETF vs learned)")
+    return "; ".join(parts), verdict(ok)
