@@ -121,3 +121,24 @@ def etf_nc(runs):
         parts.append(f"d={d}: " + ", ".join(f"{n} {fmt(value(b, n))} vs {fmt(value(a, n))}" for n in ("NC1", "NC2", "NC3"))
                      + f", train acc {value(b, 'train_acc1'):.1f}% (ETF vs learned)")
     return "; ".join(parts), verdict(ok)
+
+
+# etf-accuracy ------------------------------------------------------------------------------------
+def seed_spread(runs, label):
+    """(test accuracy of the reference run, |its difference from the second seed's|) in percent."""
+    a = value(runs.final("etf", label), "test_acc1")
+    return a, abs(a - value(runs.second_seed_final("etf", label), "test_acc1"))
+
+
+@claim("etf-accuracy", "A classifier fixed as a simplex ETF loses no test accuracy, at d = 512 and at d = K",
+       "paper, experiments: fixed ETF classifier and d = K (plot_etf_mse.py)",
+       f"at d = 512 and d = K: the fixed-ETF run's final test accuracy >= the learned run's minus the spread of "
+       f"the learned run's two seeds ({scales.PAPER_SEED}, {scales.SECOND_SEED})")
+def etf_accuracy(runs):
+    parts, ok = [], True
+    for d, (learned, fixed) in D_PAIRS.items():
+        reference, spread = seed_spread(runs, learned)
+        acc = value(runs.final("etf", fixed), "test_acc1")
+        ok &= acc >= reference - spread
+        parts.append(f"d={d}: ETF {acc:.1f}% vs learned {reference:.1f}% (seed spread {spread:.1f})")
+    return "; ".join(parts), verdict(ok)
