@@ -185,3 +185,41 @@ def dK_memory(runs):
         raise
     measured += f"; test acc ETF d=K {acc:.1f}% vs learned d=512 {reference:.1f}% (seed spread {spread:.1f})"
     return measured, verdict(mem_ok and acc >= reference - spread)
+
+
+# dk-collapse -------------------------------------------------------------------------------------
+DIMS = (5, 8, 9, 10, 512)
+
+
+def simplex_reachable(d, num_classes=K):
+    """Whether the UFM's optimum with a bias is a simplex ETF at feature dimension d (ufm.py's
+    closed form: it needs d >= K - 1)."""
+    import ufm
+    model = ufm.UFM(num_classes, 1, d, 1e-3, 1e-3)
+    return ufm.closed_form(model)["expected_nc"] is not None
+
+
+def nc2_floor(d, num_classes=K):
+    """The least NC2 any K x d classifier can have, d < K - 1: NC2^2 = 2 - 2 <G, P> for the unit-norm
+    centred Gram G (rank <= d) and P (K - 1 equal eigenvalues 1/sqrt(K - 1)), and <G, P> is at most
+    sqrt(d / (K - 1)) (the eigenvalues of G spread evenly over d of P's directions)."""
+    return math.sqrt(max(0.0, 2 - 2 * math.sqrt(min(d, num_classes - 1) / (num_classes - 1))))
+
+
+# "near 0": below half the least NC2 that any d < K - 1 of the figure can reach
+DK_NEAR_ZERO = 0.5 * min(nc2_floor(d) for d in DIMS if not simplex_reachable(d))
+
+
+@claim("dk-collapse", "With a bias the UFM's optimum needs d >= K - 1 for a simplex ETF: runs with d below that "
+       "do not reach NC2 near 0, the others do", "paper, experiments: feature dimension d against K = 10 "
+       "(plot_dk_mse.py), and the UFM theorem's d >= K - 1",
+       f"final NC2 <= {DK_NEAR_ZERO:.3f} (half the least NC2 possible at d = 8, {nc2_floor(8):.3f}) for every d >= K - 1 "
+       f"in {{9, 10, 512}}, and > {DK_NEAR_ZERO:.3f} for d in {{5, 8}}")
+def dk_collapse(runs):
+    parts, ok = [], True
+    for d in DIMS:
+        nc2 = value(runs.final("dk", f"$d={d}$"), "NC2")
+        near = nc2 <= DK_NEAR_ZERO
+        ok &= near == simplex_reachable(d)
+        parts.append(f"d={d}: NC2 {fmt(nc2)}")
+    return ", ".join(parts), verdict(ok)
