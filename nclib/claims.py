@@ -223,3 +223,32 @@ def dk_collapse(runs):
         ok &= near == simplex_reachable(d)
         parts.append(f"d={d}: NC2 {fmt(nc2)}")
     return ", ".join(parts), verdict(ok)
+
+
+# rescaled-trend ----------------------------------------------------------------------------------
+RESCALED_GAIN = 0.5  # "improved": some (M, k) other than (1, 1) ends with at most half of (1, 1)'s NC1
+M_VALUES, K_VALUES = (1, 3, 5, 7, 10), (1, 5, 15, 20)
+
+
+def trend(values):
+    """'rises', 'falls' or 'mixed': the sign pattern of successive differences."""
+    steps = [b - a for a, b in zip(values, values[1:])]
+    return "rises" if all(s > 0 for s in steps) else "falls" if all(s < 0 for s in steps) else "mixed"
+
+
+@claim("rescaled-trend", "The landscape around the NC solutions can be improved by tuning the rescaling "
+       "hyperparameters (M, and k = alpha) of the rescaled MSE", "paper, rescaled MSE (plot_M_rmse.py, plot_k_rmse.py)",
+       f"some run with M > 1 or k > 1 ends with NC1 <= {RESCALED_GAIN} x the M = k = 1 run's; the end-of-training "
+       "NC1, NC2 and test accuracy and their trend in M and in k reported (test accuracy is not judged: these runs "
+       "have one seed)")
+def rescaled_trend(runs):
+    by_M = {M: runs.final("M", f"$M={M}$") for M in M_VALUES}
+    by_k = {k: runs.final("k", rf"$\alpha={k}$") for k in K_VALUES}
+    reference = value(by_M[1], "NC1")
+    others = [value(e, "NC1") for M, e in by_M.items() if M != 1] + [value(e, "NC1") for k, e in by_k.items() if k != 1]
+    parts = []
+    for name, table in (("M", by_M), ("k", by_k)):
+        cells = ", ".join(f"{name}={v}: NC1 {fmt(value(e, 'NC1'))} acc {value(e, 'test_acc1'):.1f}%" for v, e in table.items())
+        trends = ", ".join(f"{n} {trend([value(e, n) for e in table.values()])}" for n in ("NC1", "NC2", "test_acc1"))
+        parts.append(f"{cells} (in {name}: {trends})")
+    return "; ".join(parts), verdict(min(others) <= RESCALED_GAIN * reference)
