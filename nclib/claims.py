@@ -252,3 +252,75 @@ def rescaled_trend(runs):
         trends = ", ".join(f"{n} {trend([value(e, n) for e in table.values()])}" for n in ("NC1", "NC2", "test_acc1"))
         parts.append(f"{cells} (in {name}: {trends})")
     return "; ".join(parts), verdict(min(others) <= RESCALED_GAIN * reference)
+
+
+# ufm-global --------------------------------------------------------------------------------------
+# A small UFM with a bias: K = 4 classes, n = 5 samples each, d = 6, lambda_W = lambda_H = 5e-3
+# (c = K sqrt(n lW lH) = 0.045 < 1, so the theorem's optimum is a simplex ETF).
+UFM_SIZE = dict(K=4, n=5, d=6, lambda_W=5e-3, lambda_H=5e-3)
+STARTS = {"LBFGS": 10, "Adam": 3, "GD": 1}  # random starts per optimiser (seeds 0, 1, ...)
+CONVERGED = 1e-7  # gradient norm of a converged end point
+F_TOL, NC_TOL = 1e-9, 1e-4  # |f - f*| and NC1-NC3 at a converged end point
+
+
+def ufm_model():
+    import ufm
+    return ufm.UFM(**UFM_SIZE)
+
+
+def end_points(model):
+    """[(optimiser, seed, theta)] from every random start (about 8 s)."""
+    import ufm
+    from tqdm import tqdm
+    starts = [(o, s) for o, n in STARTS.items() for s in range(n)]
+    out = []
+    for o, s in tqdm(starts, desc="ufm-global: random starts", leave=False):
+        theta = ufm.minimise(model, seed=s) if o == "LBFGS" else \
+            ufm.optimise(model, o, iters=5000, seed=s, tol_grad=CONVERGED / 10)
+        out.append((o, s, theta))
+    return out
+
+
+@claim("ufm-global", "In the UFM every global minimiser is an NC solution: from many random starts every optimiser "
+       "that converges reaches f* with NC1-NC3 ~ 0", "paper, main theorem (global optimality, UFM)",
+       f"UFM K=4, n=5, d=6, lambda_W = lambda_H = 5e-3, bias; {sum(STARTS.values())} random starts "
+       f"({', '.join(f'{o} {n}' for o, n in STARTS.items())}): at least one converges (gradient norm <= {CONVERGED:g}) "
+       f"and every converged end point has |f - f*| <= {F_TOL:g} (f* from ufm.closed_form) and NC1, NC2, NC3 <= {NC_TOL:g}")
+def ufm_global(_runs):
+    import ufm
+    model = ufm_model()
+    f_star = ufm.closed_form(model)["value"]
+    converged = bad = 0
+    worst_f = worst_nc = 0.0
+    for _, _, theta in end_points(model):
+        if model.grad(theta).norm().item() > CONVERGED:
+            continue
+        converged += 1
+        m = model.metrics(theta)
+        gap, nc_max = abs(model.f(theta).item() - f_star), max(float(m[n]) for n in ("NC1", "NC2", "NC3"))
+        worst_f, worst_nc = max(worst_f, gap), max(worst_nc, nc_max)
+        bad += gap > F_TOL or nc_max > NC_TOL
+    measured = (f"{converged} of {sum(STARTS.values())} starts converged; largest |f - f*| {worst_f:.1e}, "
+                f"largest NC1-NC3 {worst_nc:.1e}; {bad} converged elsewhere")
+    return measured, verdict(converged > 0 and bad == 0)
+
+
+# ufm-saddles -------------------------------------------------------------------------------------
+SADDLE_GRAD = 1e-10  # a critical point's gradient norm
+
+
+@claim("ufm-saddles", "In the UFM every critical point other than the global minimisers is a strict saddle",
+       "paper, main theorem (benign landscape, UFM)",
+       f"same UFM: each closed-form critical point using r < K - 1 = 3 of the simplex's directions has gradient norm "
+       f"<= {SADDLE_GRAD:g} and a negative Hessian eigenvalue; the one with r = 3 (the minimiser) has none")
+def ufm_saddles(_runs):
+    import ufm
+    model = ufm_model()
+    m = model.K - 1
+    parts, ok = [], True
+    for r in range(m + 1):
+        point = ufm.saddle(model, r)
+        strict = point["negative"] > 0
+        ok &= point["grad_norm"] <= SADDLE_GRAD and strict == (r < m)
+        parts.append(f"r={r}: |grad| {point['grad_norm']:.0e}, least eigenvalue {point['lambda_min']:.3g}")
+    return "; ".join(parts), verdict(ok)
