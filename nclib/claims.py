@@ -324,3 +324,35 @@ def ufm_saddles(_runs):
         ok &= point["grad_norm"] <= SADDLE_GRAD and strict == (r < m)
         parts.append(f"r={r}: |grad| {point['grad_norm']:.0e}, least eigenvalue {point['lambda_min']:.3g}")
     return "; ".join(parts), verdict(ok)
+
+
+# ---------------------------------------------------------------------------- the report
+
+def detect_scale(root):
+    """The scale whose run names are found under root: laptop if any of its runs is there, else paper."""
+    laptop = scales.Scale("laptop")
+    names = {laptop.run_name(f) for figure in scales.runs.FIGURES for f in laptop.table(figure)[1].values()}
+    return "laptop" if any(os.path.isdir(os.path.join(root, n)) for n in names) else "paper"
+
+
+def evaluate(root, scale_name):
+    """[{id, claim, source, criterion, measured, verdict}] of every claim on the runs under root."""
+    runs = Runs(root, scales.Scale(scale_name))
+    rows = []
+    for c in CLAIMS:
+        try:
+            measured, v = c["check"](runs)
+        except NotRun as e:
+            measured, v = f"missing or incomplete: {e}", "not run"
+        rows.append({k: c[k] for k in ("id", "claim", "source", "criterion")} | {"measured": measured, "verdict": v})
+    return rows
+
+
+def markdown(rows):
+    """The table: claim | source | criterion | measured | verdict."""
+    def cell(text):
+        return str(text).replace("|", "\\|").replace("\n", " ")
+    lines = ["| claim | source | criterion | measured | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| **{r['id']}**: {cell(r['claim'])} | {cell(r['source'])} | {cell(r['criterion'])} | "
+              f"{cell(r['measured'])} | **{r['verdict']}** |" for r in rows]
+    return "\n".join(lines) + "\n"
