@@ -74,6 +74,10 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
             if state == "done":
                 items.append(("#", f"{uid}: skipped, its info.pkl covers epochs 1-{run_epochs}"))
                 continue
+            if scale and scale.keeping and run_epochs in rundir.validated_epochs(run_dir):
+                # measured every few epochs as it trained: its last epoch measured, it is finished
+                items.append(("#", f"{uid}: skipped, its info.pkl has its last epoch, {run_epochs}"))
+                continue
             steps = []
             if state == "trained":
                 items.append(("#", f"{uid}: trained; validation only"))

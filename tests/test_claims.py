@@ -264,3 +264,13 @@ def test_paper_plan_unchanged(capsys):
     paper = scales.Scale("paper")
     for figure in runs.FIGURES:  # the paper scale's names are runs.py's
         assert paper.figure_runs(figure) == runs.figure_runs(figure)
+
+
+def test_a_laptop_rerun_skips_the_runs_measured_at_their_last_epoch(tmp_path, capsys):
+    root = str(tmp_path / "laptop")
+    write_run(root, flags_of("optim", "SGD"))  # measured at epochs 3, 6, ..., 60
+    write_run(root, flags_of("optim", "Adam"), last_epoch=30)  # stopped half-way
+    experiments.main(["--scale", "laptop", "--figure", "optim", "--root", root])
+    out = capsys.readouterr().out
+    assert f"# {LAPTOP.run_name(flags_of('optim', 'SGD'))}: skipped, its info.pkl has its last epoch, 60" in out
+    assert f"python train_1st_order.py --uid {LAPTOP.run_name(flags_of('optim', 'Adam'))}" in out
