@@ -11,6 +11,10 @@ momentum buffers. The process's resident memory would be the other choice, but g
 made it differ by 60 MB between two measurements of one configuration; the profiler's count is
 the same every time.
 """
+import os
+import sys
+from contextlib import contextmanager
+
 import torch
 
 K_PAPER = 10
@@ -37,11 +41,27 @@ def counts(num_classes, config, shape=SHAPES["CIFAR"]):
     return {"params": params, "trainable": trainable, "d": h.shape[1]}
 
 
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side (kineto) writes a line to stderr at each start and stop, and an error
+    line where there is no GPU: not for the user's terminal."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _profiled_peak(run):
     """Peak bytes of live CPU tensors while run() runs (tensors alive before it included)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler import _memory_profiler as mp
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                  with_stack=True) as prof:
         run()
     live = peak = 0
     for _, action, _, size in mp.MemoryProfile(prof.profiler.kineto_results).timeline:
