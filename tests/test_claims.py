@@ -227,7 +227,8 @@ def test_bad_root_or_out_is_refused_in_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- experiments.py --scale
 
-def test_laptop_plan_flags_and_differences(tmp_path, capsys):
+def test_laptop_plan_flags_and_differences(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default root, model_weights/laptop, empty whatever was run in the checkout
     experiments.main(["--scale", "laptop", "--figure", "all"])
     out = capsys.readouterr().out.splitlines()
     commands = [line for line in out if line.startswith("python train_")]
