@@ -3,6 +3,7 @@
     python experiments.py --figure etf           # print the commands (a shell script)
     python experiments.py --figure etf --run     # run them in order, stopping at the first failure
     python experiments.py --figure all --epochs 2 --root /tmp/smoke --run   # a quick smoke test
+    python experiments.py --scale laptop --run --jobs 2   # every figure on the MNIST sample (nclib/scales.py)
 
 The runs are those of nclib/runs.py; the work is nclib/runbook.py's. Each measures NC as it trains (--nc_every 1) and keeps every 50th
 checkpoint; --every_checkpoint keeps them all and measures them afterwards with validate_NC.py, as
@@ -14,7 +15,7 @@ of this process, which stops the command it is running) and restarted at any poi
 import argparse
 
 from args import Parser, path, positive_int
-from nclib import rundir, runbook, runs
+from nclib import rundir, runbook, runs, scales
 from nclib.cli import run_main
 from nclib.runbook import DEFAULT_ROOT, SAVE_EVERY
 
@@ -45,8 +46,12 @@ def main(argv=None):
                         f"<run>/{rundir.RUNBOOK_LOG}")
     p.add_argument("--gpus", type=gpu_list, default=None,
                    help="with --run: spread the runs over these GPUs, e.g. 0,1 (several runs may share one)")
-    p.add_argument("--root", type=path, default=DEFAULT_ROOT,
-                   help="folder holding the run directories (training --save_dir; default: %(default)s)")
+    p.add_argument("--scale", default="paper", choices=scales.SCALES,
+                   help="paper: the paper's runs; laptop: the same figures on the MNIST sample in data/, "
+                        f"about 25 minutes on a 2-core CPU, under {scales.LAPTOP_ROOT} (default: %(default)s)")
+    p.add_argument("--root", type=path, default=None,
+                   help=f"folder holding the run directories (training --save_dir; default: {DEFAULT_ROOT}, "
+                        f"or {scales.LAPTOP_ROOT} for --scale laptop)")
     p.add_argument("--gpu_id", type=int, default=None, help="passed to training and validation")
     p.add_argument("--data_dir", type=path, default=None, help="passed to training and validation")
     p.add_argument("--epochs", type=positive_int, default=runs.EPOCHS,

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 
 from args import VALIDATION_BATCH
-from nclib import rundir, runs
+from nclib import rundir, runs, scales
 from nclib.base import UserError, atomic_write
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where the scripts are
@@ -27,9 +27,10 @@ DEFAULT_ROOT = "model_weights"
 SAVE_EVERY = 50
 
 
-def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=False):
+def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=False, scale=None):
     """The runbook: a list of ('#', comment), ('run', run_dir, [steps]) and ('plot', [run dirs], step)
-    items, a step being (script, [arguments])."""
+    items, a step being (script, [arguments]). scale: an nclib.scales.Scale other than the paper's
+    (its own runs, epochs, and plot arguments), or None for runs.py's runs."""
     common = []
     if gpu_id is not None:
         common += ["--gpu_id", str(gpu_id)]
@@ -39,23 +40,32 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
     # measured afterwards by validate_NC.py
     keeping = ["--nc_every", "0", "--save_every", "1"] if every_checkpoint else \
         ["--nc_every", "1", "--save_every", str(SAVE_EVERY)]
+    if scale is not None and scale.keeping and not every_checkpoint:
+        keeping = scale.keeping
     default_root = os.path.normpath(root) == DEFAULT_ROOT
     items, seen = [], set()
     for figure in figures:
-        plot_script, table = runs.FIGURES[figure]
+        plot_script, table = scale.table(figure) if scale else runs.FIGURES[figure]
         items.append(("#", f"figure {figure} ({plot_script}): {len(table)} runs"))
+        if scale:
+            items.append(("#", scales.differences(figure)))
         run_dirs = []
         for flags in table.values():
-            uid = runs.run_name(runs.parse(flags))
+            uid = scale.run_name(flags) if scale else runs.run_name(runs.parse(flags))
+            run_epochs = scale.epochs(flags) if scale else epochs  # a scale's flags carry its epochs
             run_dir = os.path.join(root, uid)
             run_dirs.append(run_dir)
             if uid in seen:
                 items.append(("#", f"{uid}: already above"))
                 continue
             seen.add(uid)
-            state = rundir.state(run_dir, epochs)
+            state = rundir.state(run_dir, run_epochs)
             if state == "done":
-                items.append(("#", f"{uid}: skipped, its info.pkl covers epochs 1-{epochs}"))
+                items.append(("#", f"{uid}: skipped, its info.pkl covers epochs 1-{run_epochs}"))
+                continue
+            if scale and scale.keeping and run_epochs in rundir.validated_epochs(run_dir):
+                # measured every few epochs as it trained: its last epoch measured, it is finished
+                items.append(("#", f"{uid}: skipped, its info.pkl has its last epoch, {run_epochs}"))
                 continue
             steps = []
             if state == "trained":
@@ -64,19 +74,20 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
                 train = ["--uid", uid] + shlex.split(flags)
                 if not default_root:
                     train += ["--save_dir", root]
-                if epochs != runs.EPOCHS:
-                    train += ["--epochs", str(epochs)]
+                if run_epochs != runs.parse(flags).epochs:
+                    train += ["--epochs", str(run_epochs)]
                 if state == "partial":
                     items.append(("#", f"{uid}: training started earlier; continued with --resume"))
                     train.append("--resume")
                 steps.append((runs.training_script(runs.parse(flags)), train + keeping + common))
             if state == "trained" or every_checkpoint:  # else the run measures itself
                 validate = ["--load_path", run_dir, "--batch_size", str(VALIDATION_BATCH)]
-                if epochs != runs.EPOCHS:
-                    validate += ["--epochs", str(epochs)]
+                if run_epochs != runs.EPOCHS:
+                    validate += ["--epochs", str(run_epochs)]
                 steps.append(("validate_NC.py", validate + common))
             items.append(("run", run_dir, steps))
-        items.append(("plot", run_dirs, (plot_script, [] if default_root else ["--root", root])))
+        plot_arguments = scale.plot_arguments(figure, root) if scale else [] if default_root else ["--root", root]
+        items.append(("plot", run_dirs, (plot_script, plot_arguments)))
     return items
 
 
@@ -258,8 +269,12 @@ def run(args):
         raise UserError("--slurm submits the runs and --run runs them here: give one of them")
     if args.gpus and args.gpu_id is not None:
         raise UserError("--gpus and --gpu_id both say where runs go: give one of them")
+    scale = scales.Scale(args.scale) if args.scale != "paper" else None
+    if scale and args.epochs != runs.EPOCHS:
+        raise UserError(f"--scale {args.scale} sets each run's epochs itself: leave --epochs out")
+    args.root = args.root or (scale.root if scale else DEFAULT_ROOT)
     figures = list(runs.FIGURES) if args.figure == "all" else [args.figure]
-    items = plan(figures, args.root, args.epochs, args.gpu_id, args.data_dir, args.every_checkpoint)
+    items = plan(figures, args.root, args.epochs, args.gpu_id, args.data_dir, args.every_checkpoint, scale)
     for line in format_plan(items):
         print(line, flush=True)
     if args.run or args.slurm:
