@@ -1,6 +1,6 @@
 """Test machinery the test modules share: where the repository is, running a script as its command line
 does (refused), training a tiny run, copies and comparisons of run directories, the Rerun stand-in for
-CUDA graphs on the CPU, and synthetic info.pkl files. Fixtures are in conftest.py; fake data sets in
+CUDA graphs on the CPU, synthetic info.pkl files and laptop-scale runs (claims.py's input). Fixtures are in conftest.py; fake data sets in
 fake_data.py, the kill harness in harness.py, rounding bounds in rounding.py."""
 import os
 import pickle
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nclib import cli
-from nclib import steps
+from nclib import cli, rundir, scales, steps
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -117,3 +116,30 @@ def write_run(root, name, epochs=30, **kwargs):
     with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
         pickle.dump(fake_info(epochs, **kwargs), f)
     return run_dir
+
+
+# ---------------------------------------------------------------------------- synthetic laptop-scale runs
+
+LAPTOP = scales.Scale("laptop")
+START = {"collapse_metric": 1.0, "ETF_metric": 0.8, "WH_relation_metric": 0.8, "Wh_b_relation_metric": 1.0,
+         "train_acc1": 40.0, "test_acc1": 40.0}
+END = {"collapse_metric": 0.01, "ETF_metric": 0.05, "WH_relation_metric": 0.05,
+       "Wh_b_relation_metric": 10 ** -0.5, "train_acc1": 100.0, "test_acc1": 95.0}
+
+
+def write_laptop_run(root, flags, end=None, last_epoch=None):
+    """A laptop-scale run directory under root as training writes it with --nc_every 3: info.pkl
+    with entries at epochs 3, 6, ... and the last, moving linearly from START to `end` (END updated)."""
+    E = LAPTOP.epochs(flags)
+    last_epoch = last_epoch or E
+    end = {**END, **(end or {})}
+    epochs = sorted(set(range(3, last_epoch + 1, 3)) | {last_epoch})
+    results = {e: {k: START[k] + (end[k] - START[k]) * e / E for k in START} for e in epochs}
+    run_dir = os.path.join(root, LAPTOP.run_name(flags))
+    os.makedirs(run_dir, exist_ok=True)
+    rundir.write_info(run_dir, results, list(START), lambda e, r: f"epoch {e}")
+    return run_dir
+
+
+def flags_of(figure, label):
+    return LAPTOP.table(figure)[1][label]

@@ -1,6 +1,6 @@
-"""claims.py and nclib/: each claim's criterion on small synthetic run directories built to hold
-and to fail, `not run` for missing or half-trained runs, dK-memory's exact parameter counts, the
-refusals of bad --root/--out, and experiments.py's laptop scale (and its paper scale unchanged)."""
+"""claims.py and nclib/claims.py: each claim's criterion on small synthetic run directories built to
+hold and to fail, `not run` for missing or half-trained runs, and the refusals of bad --root/--out.
+dK-memory's measurement is tested in test_footprint.py, the laptop scale in test_scales.py."""
 import json
 import math
 import os
@@ -10,34 +10,8 @@ import pytest
 import torch
 
 import claims as claims_script
-import experiments
-from helpers import refused
-from nclib import claims, footprint, nc, rundir, runs, scales
-
-LAPTOP = scales.Scale("laptop")
-START = {"collapse_metric": 1.0, "ETF_metric": 0.8, "WH_relation_metric": 0.8, "Wh_b_relation_metric": 1.0,
-         "train_acc1": 40.0, "test_acc1": 40.0}
-END = {"collapse_metric": 0.01, "ETF_metric": 0.05, "WH_relation_metric": 0.05,
-       "Wh_b_relation_metric": 10 ** -0.5, "train_acc1": 100.0, "test_acc1": 95.0}
-
-
-def write_run(root, flags, end=None, last_epoch=None):
-    """A run directory as training writes it with --nc_every 3: info.pkl with entries at epochs
-    3, 6, ... and the last, moving linearly from START to `end` (END updated)."""
-    E = LAPTOP.epochs(flags)
-    last_epoch = last_epoch or E
-    end = {**END, **(end or {})}
-    epochs = sorted(set(range(3, last_epoch + 1, 3)) | {last_epoch})
-    results = {e: {k: START[k] + (end[k] - START[k]) * e / E for k in START} for e in epochs}
-    run_dir = os.path.join(root, LAPTOP.run_name(flags))
-    os.makedirs(run_dir, exist_ok=True)
-    rundir.write_info(run_dir, results, list(START), lambda e, r: f"epoch {e}")
-    return run_dir
-
-
-def flags_of(figure, label):
-    return LAPTOP.table(figure)[1][label]
-
+from helpers import LAPTOP, flags_of, refused, write_laptop_run
+from nclib import claims, nc, rundir, runs
 
 @pytest.fixture
 def root(tmp_path):
@@ -45,10 +19,10 @@ def root(tmp_path):
     path = tmp_path / "laptop"
     for figure in runs.FIGURES:
         for flags in LAPTOP.table(figure)[1].values():
-            write_run(str(path), flags)
+            write_laptop_run(str(path), flags)
     for d in (5, 8):  # d < K - 1 cannot reach NC2 ~ 0: give them a possible value
-        write_run(str(path), flags_of("dk", f"$d={d}$"), {"ETF_metric": 0.8})
-    write_run(str(path), flags_of("M", "$M=5$"), {"collapse_metric": 0.004})  # tuning M helps
+        write_laptop_run(str(path), flags_of("dk", f"$d={d}$"), {"ETF_metric": 0.8})
+    write_laptop_run(str(path), flags_of("M", "$M=5$"), {"collapse_metric": 0.004})  # tuning M helps
     return str(path)
 
 
@@ -77,21 +51,21 @@ def verdict(root, id):
 ])
 def test_each_criterion_holds_then_fails_when_one_run_is_changed(root, id, figure, label, end):
     assert verdict(root, id) == "holds"
-    write_run(root, flags_of(figure, label), end)  # info.pkl rewritten: the verdict follows it
+    write_laptop_run(root, flags_of(figure, label), end)  # info.pkl rewritten: the verdict follows it
     assert verdict(root, id) == "fails"
 
 
 def test_the_seed_spread_is_the_accuracy_tolerance(root):
-    write_run(root, flags_of("etf", "fixed ETF, $d=10$"), {"test_acc1": 93.5})
+    write_laptop_run(root, flags_of("etf", "fixed ETF, $d=10$"), {"test_acc1": 93.5})
     assert verdict(root, "etf-accuracy") == "fails"
-    write_run(root, LAPTOP.second_seed("etf", "learned, $d=10$"), {"test_acc1": 93.0})  # spread 2 points
+    write_laptop_run(root, LAPTOP.second_seed("etf", "learned, $d=10$"), {"test_acc1": 93.0})  # spread 2 points
     assert verdict(root, "etf-accuracy") == "holds"
 
 
 @pytest.mark.parametrize("id, figure, label", [("optim-nc", "optim", "LBFGS"), ("etf-nc", "etf", "fixed ETF, $d=10$"),
                                                ("dk-collapse", "dk", "$d=5$"), ("rescaled-trend", "k", r"$\alpha=20$")])
 def test_a_missing_or_half_trained_run_is_not_run(root, id, figure, label):
-    run_dir = write_run(root, flags_of(figure, label), last_epoch=LAPTOP.epochs(flags_of(figure, label)) // 2)
+    run_dir = write_laptop_run(root, flags_of(figure, label), last_epoch=LAPTOP.epochs(flags_of(figure, label)) // 2)
     assert verdict(root, id) == "not run"
     shutil.rmtree(run_dir)
     assert verdict(root, id) == "not run"
@@ -130,9 +104,9 @@ FAKE_MEMORY = {K: ({"learned, d=512": {"params": 100, "trainable": 100, "peak_st
 def test_dk_memory_needs_the_memory_cut_and_the_accuracy(root, monkeypatch):
     monkeypatch.setattr(claims, "memory", lambda: (FAKE_MEMORY, 5120))
     assert verdict(root, "dK-memory") == "holds"  # -30% peak memory, accuracy kept
-    write_run(root, flags_of("etf", "fixed ETF, $d=10$"), {"test_acc1": 90.0})
+    write_laptop_run(root, flags_of("etf", "fixed ETF, $d=10$"), {"test_acc1": 90.0})
     assert verdict(root, "dK-memory") == "fails"
-    write_run(root, flags_of("etf", "fixed ETF, $d=10$"))
+    write_laptop_run(root, flags_of("etf", "fixed ETF, $d=10$"))
     small = {**FAKE_MEMORY, 10: (FAKE_MEMORY[10][0], {**FAKE_MEMORY[10][1], "peak_step_bytes": -15.0})}
     monkeypatch.setattr(claims, "memory", lambda: (small, 5120))
     assert verdict(root, "dK-memory") == "fails"
@@ -140,29 +114,6 @@ def test_dk_memory_needs_the_memory_cut_and_the_accuracy(root, monkeypatch):
     assert verdict(root, "dK-memory") == "fails"  # a part measured without the runs failed already
     monkeypatch.setattr(claims, "memory", lambda: (FAKE_MEMORY, 5120))
     assert verdict(root, "dK-memory") == "not run"
-
-
-@pytest.mark.parametrize("shape", ["CIFAR", "MNIST"])
-def test_dk_memory_parameter_counts(shape):
-    expected = {10: {"learned, d=512": (11_181_642, 11_181_642, 512), "fixed ETF, d=K": (8_867_542, 8_867_442, 10)},
-                100: {"learned, d=512": (11_227_812, 11_227_812, 512), "fixed ETF, d=K": (9_338_692, 9_328_692, 100)}}
-    for K, table in expected.items():
-        for config, (params, trainable, d) in table.items():
-            assert footprint.counts(K, config, footprint.SHAPES[shape]) == {"params": params, "trainable": trainable, "d": d}
-    assert round(footprint.cut(11_181_642, 8_867_542), 1) == -20.7
-    assert round(footprint.cut(11_227_812, 9_338_692), 1) == -16.8
-    learned, etf = footprint.build(10, False, 0), footprint.build(10, True, 0)  # the ETF alone at d = 512
-    assert sum(p.numel() for p in learned.parameters()) - sum(p.numel() for p in etf.parameters() if p.requires_grad) == 5120
-
-
-@pytest.mark.slow
-def test_dk_memory_measured_on_the_cpu():
-    rows, cuts = footprint.compare(10)
-    a, b = rows["learned, d=512"], rows["fixed ETF, d=K"]
-    assert a["optimizer_state_bytes"] == 4 * a["trainable"] and b["optimizer_state_bytes"] == 4 * b["trainable"]
-    # the peak holds at least the weights, gradients and momentum of the trainable parameters
-    assert a["peak_step_bytes"] >= 4 * (a["params"] + 2 * a["trainable"])
-    assert footprint.compare(10)[1]["peak_step_bytes"] == cuts["peak_step_bytes"]  # the same every time
 
 
 # ---------------------------------------------------------------------------- the UFM claims
@@ -220,55 +171,3 @@ def test_bad_root_or_out_is_refused_in_one_line(tmp_path, capsys):
     assert "is a file" in refused(capsys, claims_script.main, ["--root", str(a_file)])
     assert "is a file" in refused(capsys, claims_script.main, ["--root", str(tmp_path), "--out", str(a_file)])
     assert "cannot create" in refused(capsys, claims_script.main, ["--root", str(tmp_path), "--out", str(a_file / "x")])
-
-
-# ---------------------------------------------------------------------------- experiments.py --scale
-
-def test_laptop_plan_flags_and_differences(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default root, model_weights/laptop, empty whatever was run in the checkout
-    experiments.main(["--scale", "laptop", "--figure", "all"])
-    out = capsys.readouterr().out.splitlines()
-    commands = [line for line in out if line.startswith("python train_")]
-    assert len(commands) == 3 + 5 + 4 + 5 + 3  # runs shared between figures (no --SOTA) are trained once
-    for line in commands:
-        assert "--dataset mnist_sample" in line and "--SOTA" not in line and "--save_dir model_weights/laptop" in line
-        assert line.endswith("--nc_every 3 --save_every 60")
-    lbfgs = next(line for line in commands if "LBFGS" in line)
-    assert "--sample_size 20 --epochs 10 --patience 2" in lbfgs and "train_2nd_order.py" in lbfgs
-    assert sum("--seed 7" in line for line in commands) == 2
-    assert all("--lr 0.002" in line for line in commands if "RescaledMSE" in line)
-    differences = [line for line in out if line.startswith("# laptop scale, figure")]
-    assert len(differences) == 5
-    assert "--SOTA dropped" in differences[1] and "--SOTA dropped" not in differences[0]
-    assert "--lr 0.002 for RescaledMSE" in differences[3] and "K = 100 becomes K = 10" in differences[3]
-    plot = next(line for line in out if line.startswith("python plot_M_rmse.py"))
-    assert "--root model_weights/laptop --out_dir figures/laptop/plot_M_rmse --runs" in plot
-    assert "leave --epochs out" in refused(
-        capsys, experiments.main, ["--scale", "laptop", "--epochs", "2"])
-
-
-def test_paper_plan_unchanged(capsys):
-    experiments.main(["--figure", "optim"])
-    assert capsys.readouterr().out.splitlines() == [
-        "# figure optim (plot_optim_mse.py): 3 runs",
-        "python train_1st_order.py --uid cifar10_MSE_SGD_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_false "
-        "--dataset cifar10 --loss MSE --optimizer SGD --lr 0.05 --nc_every 1 --save_every 50",
-        "python train_1st_order.py --uid cifar10_MSE_Adam_bias_true_batchsize_128_ETFfc_false_fixdim_false_sota_false "
-        "--dataset cifar10 --loss MSE --optimizer Adam --lr 0.001 --nc_every 1 --save_every 50",
-        "python train_2nd_order.py --uid cifar10_MSE_LBFGS_bias_true_batchsize_512_ETFfc_false_fixdim_false_sota_false "
-        "--dataset cifar10 --loss MSE --optimizer LBFGS --lr 0.1 --history_size 10 --batch_size 512 --nc_every 1 "
-        "--save_every 50",
-        "python plot_optim_mse.py"]
-    paper = scales.Scale("paper")
-    for figure in runs.FIGURES:  # the paper scale's names are runs.py's
-        assert paper.figure_runs(figure) == runs.figure_runs(figure)
-
-
-def test_a_laptop_rerun_skips_the_runs_measured_at_their_last_epoch(tmp_path, capsys):
-    root = str(tmp_path / "laptop")
-    write_run(root, flags_of("optim", "SGD"))  # measured at epochs 3, 6, ..., 60
-    write_run(root, flags_of("optim", "Adam"), last_epoch=30)  # stopped half-way
-    experiments.main(["--scale", "laptop", "--figure", "optim", "--root", root])
-    out = capsys.readouterr().out
-    assert f"# {LAPTOP.run_name(flags_of('optim', 'SGD'))}: skipped, its info.pkl has its last epoch, 60" in out
-    assert f"python train_1st_order.py --uid {LAPTOP.run_name(flags_of('optim', 'Adam'))}" in out

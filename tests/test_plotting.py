@@ -182,19 +182,6 @@ def test_plot_runs_any_set(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- a loss and a measure registered in one place
 
-def test_the_landscape_title_is_the_registered_loss_description(dummy_loss):
-    import matplotlib.pyplot as plt
-    import plot_landscape
-    from nclib import landscape
-    args = plot_landscape.parser().parse_args(["--M", "2", "--points", "11"])
-    for loss, title in (("Dummy", "dummy L1 (M=2), K=4"), ("RescaledMSE", "rescaled MSE (M=2, k=5), K=4"),
-                        ("CrossEntropy", "cross-entropy, K=4"), ("MSE", "MSE, K=4")):
-        panel = landscape.landscape(loss, args.K, args.M, args.k, points=args.points)
-        fig = landscape.figure(loss, panel, args, landscape.color_limits({loss: panel}))
-        assert fig.axes[0].get_title() == title
-        plt.close(fig)
-
-
 def test_a_registered_per_layer_measure_gets_its_layer_figures(dummy_measure):
     import matplotlib.pyplot as plt
     names = ["hidden1", "h"]

@@ -224,16 +224,6 @@ def test_plot_runs_draws_a_ufm_run(tmp_path):
     assert any(p.endswith("NC1.png") for p in written) and all(os.path.exists(p) for p in written)
 
 
-@pytest.mark.slow
-def test_plot_landscape_writes_its_figures(tmp_path):
-    import plot_landscape
-    written = plot_landscape.main(["--points", "21", "--out_dir", str(tmp_path)])
-    names = sorted(os.path.basename(p) for p in written)
-    assert names == sorted(f"landscape_{loss}.{ext}" for loss in ("CrossEntropy", "MSE", "RescaledMSE")
-                           for ext in ("png", "pdf"))
-    assert all(os.path.getsize(p) > 0 for p in written)
-
-
 @pytest.mark.parametrize("argv", [
     ["--lambda_W", "0"], ["--lambda_H", "-1"], ["--lambda_b", "-0.1"], ["--K", "1"], ["--n", "0"],
     ["--loss", "Hinge"], ["--optimizer", "RMSprop"], ["--d", "0"],
@@ -258,33 +248,6 @@ def test_failed_assumptions_run_with_one_warning(tmp_path, capsys, extra, what):
     ufm_script.main(["--n", "2", "--iters", "5", "--out", str(tmp_path / "run")] + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: ") and what in err[0], err
-
-
-@pytest.mark.parametrize("argv, what", [(["--points", "1"], "--points 1: the grid takes 2 to 1001"),
-                                        (["--points", "100000"], "--points 100000: the grid takes 2 to 1001"),
-                                        (["--points", "1001", "--K", "100"], "GiB")])
-def test_plot_landscape_refuses_grids_outside_its_range_in_one_line(capsys, tmp_path, argv, what):
-    import plot_landscape
-    line = refused(capsys, plot_landscape.main, argv + ["--out_dir", str(tmp_path)])
-    assert what in line, line
-    assert not os.listdir(tmp_path)
-
-
-def test_plot_landscape_panels_share_one_colour_scale():
-    import matplotlib.pyplot as plt
-    import plot_landscape
-    from nclib import landscape
-    args = plot_landscape.parser().parse_args(["--points", "11"])
-    panels = landscape.panels(args)
-    ranges = {loss: (landscape.log_loss(v).min(), landscape.log_loss(v).max())
-              for loss, (_, _, v, _) in panels.items()}
-    assert len(set(ranges.values())) == 3  # each panel alone would get a scale of its own
-    limits = landscape.color_limits(panels)
-    assert limits == (min(lo for lo, _ in ranges.values()), max(hi for _, hi in ranges.values()))
-    for loss, panel in panels.items():
-        fig = landscape.figure(loss, panel, args, limits)
-        assert fig.axes[0].collections[0].get_clim() == limits, loss
-        plt.close(fig)
 
 
 def test_the_script_runs_a_registered_loss_whose_data_term_is_the_mean_of_its_per_sample(dummy_loss, tmp_path, capsys):
