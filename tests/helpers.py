@@ -143,3 +143,19 @@ def write_laptop_run(root, flags, end=None, last_epoch=None):
 
 def flags_of(figure, label):
     return LAPTOP.table(figure)[1][label]
+
+
+# ---------------------------------------------------------------------------- one step on a tiny MLP
+
+def tiny_setup(*flags, default="SGD", K=3):
+    """An MLP on 12 fixed random images of K classes: (args, model, optimizer, objective, x, y)."""
+    import models
+    import utils
+    from args import train_parser
+    torch.manual_seed(0)
+    args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
+    model = models.build_model(args, K)
+    optimizer = utils.make_optimizer(args, model)
+    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
+    x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
+    return args, model, optimizer, objective, x, y

@@ -300,23 +300,6 @@ def test_bad_measures_and_layers_on_the_command_line_are_one_line_errors(run_cop
     assert not os.path.exists(os.path.join(run_copy, "info.pkl"))
 
 
-# ---------------------------------------------------------------------------- plot_runs.py
-
-def write_info(run_dir, epochs=(1, 2, 5, 10), layers=True):
-    os.makedirs(run_dir)
-    n = len(epochs)
-    info = {"epochs": list(epochs), "collapse_metric": [1.0 / e for e in epochs],
-            "cdnv_metric": [None] + [0.5 / e for e in epochs[1:]],  # the first epoch measured without it
-            "ncc_train": [0.5 + 0.04 * e for e in epochs], "W": [np.zeros((3, 4))] * n}
-    if layers:
-        names = ["hidden1", "hidden2", "h"]
-        info["layer_names"] = [names] * n
-        info["layers"] = [{name: {"NC1": (j + 1) / e, "trace_ratio": 0.1 * (j + 1) / e, "ncc": 0.9}
-                           for j, name in enumerate(names)} for e in epochs]
-    with open(os.path.join(run_dir, "info.pkl"), "wb") as f:
-        pickle.dump(info, f)
-
-
 def test_equinorm_is_the_population_std_over_the_mean():
     # row norms 1 and 3: mean 2, population std (ddof 0) 1, so 0.5 (every step exact in float64, in
     # any order); the sample std (ddof 1) would give 1/sqrt(2)

@@ -5,23 +5,11 @@ import torch
 
 from args import train_parser
 import models
-from nclib import optimizers, steps
+from helpers import tiny_setup
+from nclib import optimizers
 import utils
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-K = 3
-
-
-def tiny_setup(*flags, default="SGD"):
-    """An MLP on 12 fixed random images of 3 classes: (args, model, optimizer, objective, x, y)."""
-    torch.manual_seed(0)
-    args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
-    model = models.build_model(args, K)
-    optimizer = utils.make_optimizer(args, model)
-    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
-    x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
-    return args, model, optimizer, objective, x, y
 
 
 def test_optimizer_settings():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from args import train_parser
-from helpers import refused, REPO
+from helpers import REPO, refused, tiny_setup
 import models
 from nclib import losses, optimizers, steps, training
 from nclib.losses import lbfgs_penalty
@@ -466,17 +466,6 @@ def test_lbfgs_with_sep_decay_has_no_extra_penalty():
     before = full_loss(objective, x, y)  # MSE + the --sep_decay penalties, nothing else
     first, _ = steps.make_lbfgs_step(args)(optimizer, objective, x, y)
     assert first.item() == pytest.approx(before, rel=1e-5)  # as above
-
-
-def tiny_setup(*flags, default="SGD"):
-    """An MLP on 12 fixed random images of 3 classes: (args, model, optimizer, objective, x, y)."""
-    torch.manual_seed(0)
-    args = train_parser(default).parse_args(["--model", "MLP", "--width", "16", "--depth", "1", *flags])
-    model = models.build_model(args, K)
-    optimizer = utils.make_optimizer(args, model)
-    objective = steps.make_objective(args, model, utils.make_criterion(args, K))
-    x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % K
-    return args, model, optimizer, objective, x, y
 
 
 def full_loss(objective, x, y, params=(), weight_decay=0.0):
