@@ -273,6 +273,7 @@ def run(args):
     if scale and args.epochs != runs.EPOCHS:
         raise UserError(f"--scale {args.scale} sets each run's epochs itself: leave --epochs out")
     args.root = args.root or (scale.root if scale else DEFAULT_ROOT)
+    scales.check_own_root(args.root, args.scale)
     figures = list(runs.FIGURES) if args.figure == "all" else [args.figure]
     items = plan(figures, args.root, args.epochs, args.gpu_id, args.data_dir, args.every_checkpoint, scale)
     for line in format_plan(items):

@@ -10,6 +10,7 @@ import os
 import shlex
 
 from nclib import runs
+from nclib.base import UserError
 
 PAPER_SEED = 6  # args.py's default: the seed of every paper run
 SECOND_SEED = 7  # the second seed of the reference runs: the spread an accuracy comparison allows
@@ -128,3 +129,20 @@ class Scale:
 
 
 SCALES = ("paper", "laptop")
+
+
+def check_own_root(root, name):
+    """Refuse a root that is another scale's default or holds another scale's runs: two scales never
+    share a folder, so that neither's plots or claims read the other's runs."""
+    for other in SCALES:
+        if other == name:
+            continue
+        scale = Scale(other)
+        if os.path.normpath(root) == os.path.normpath(scale.root):
+            raise UserError(f"--root {root} is the {other} scale's folder: leave --root out for --scale {name} "
+                            f"(it keeps its runs under {Scale(name).root}) or give another folder")
+        for figure in runs.FIGURES:
+            for flags in scale.table(figure)[1].values():
+                if os.path.isdir(os.path.join(root, scale.run_name(flags))):
+                    raise UserError(f"--root {root} holds {other}-scale runs ({scale.run_name(flags)}): each scale "
+                                    f"keeps its own folder; leave --root out for --scale {name} or give another folder")

@@ -1,5 +1,8 @@
 """nclib/scales.py through experiments.py --scale: the laptop plan's flags and the one line per
-figure on what differs, the paper plan unchanged, and a laptop rerun that skips finished runs."""
+figure on what differs, the paper plan unchanged, a laptop rerun that skips finished runs, and
+two scales refused one folder."""
+import os
+
 import experiments
 from helpers import LAPTOP, flags_of, refused, write_laptop_run
 from nclib import runs, scales
@@ -53,3 +56,19 @@ def test_a_laptop_rerun_skips_the_runs_measured_at_their_last_epoch(tmp_path, ca
     out = capsys.readouterr().out
     assert f"# {LAPTOP.run_name(flags_of('optim', 'SGD'))}: skipped, its info.pkl has its last epoch, 60" in out
     assert f"python train_1st_order.py --uid {LAPTOP.run_name(flags_of('optim', 'Adam'))}" in out
+
+
+def test_two_scales_never_share_a_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, experiments.main, ["--scale", "laptop", "--root", "model_weights"])
+    assert "the paper scale's folder" in line, line
+    assert "the laptop scale's folder" in refused(capsys, experiments.main, ["--root", "model_weights/laptop/"])
+    mixed = str(tmp_path / "mixed")
+    write_laptop_run(mixed, flags_of("optim", "SGD"))
+    line = refused(capsys, experiments.main, ["--figure", "optim", "--root", mixed])
+    assert f"holds laptop-scale runs ({LAPTOP.run_name(flags_of('optim', 'SGD'))})" in line, line
+    paper = scales.Scale("paper")
+    os.makedirs(os.path.join(tmp_path, "other", paper.run_name(paper.table("dk")[1]["$d=5$"])))
+    assert "holds paper-scale runs" in refused(capsys, experiments.main, ["--scale", "laptop", "--root", "other"])
+    experiments.main(["--scale", "laptop", "--figure", "optim", "--root", mixed])  # its own scale's runs: fine
+    assert not os.path.exists("model_weights")  # nothing was written by the refusals
