@@ -5,12 +5,14 @@
     python experiments.py --figure all --epochs 2 --root /tmp/smoke --run   # a quick smoke test
     python experiments.py --scale laptop --run --jobs 2   # every figure on the MNIST sample (nclib/scales.py)
 
-The runs are those of nclib/runs.py; the work is nclib/runbook.py's. Each measures NC as it trains (--nc_every 1) and keeps every 50th
-checkpoint; --every_checkpoint keeps them all and measures them afterwards with validate_NC.py, as
-the authors did. A run whose info.pkl already covers epochs 1..--epochs is skipped. A run that is
-trained but not validated gets only its validation command; one whose training stopped part-way is
-continued with --resume. So the runbook can be stopped (Ctrl-C, or a kill
-of this process, which stops the command it is running) and restarted at any point.
+The runs are those of nclib/runs.py (--scale laptop: nclib/scales.py's, each measuring NC every
+3rd epoch and keeping its last checkpoint); the work is nclib/runbook.py's. Each paper run measures
+NC as it trains (--nc_every 1) and keeps every 50th checkpoint; --every_checkpoint keeps them all
+and measures them afterwards with validate_NC.py, as the authors did. A run whose info.pkl already
+covers epochs 1..--epochs is skipped. A run that is trained but not validated gets only its
+validation command; one whose training stopped part-way is continued with --resume. So the
+runbook can be stopped (Ctrl-C, or a kill of this process, which stops the command it is running)
+and restarted at any point.
 """
 import argparse
 
@@ -48,7 +50,7 @@ def main(argv=None):
                    help="with --run: spread the runs over these GPUs, e.g. 0,1 (several runs may share one)")
     p.add_argument("--scale", default="paper", choices=scales.SCALES,
                    help="paper: the paper's runs; laptop: the same figures on the MNIST sample in data/, "
-                        f"about 25 minutes on a 2-core CPU, under {scales.LAPTOP_ROOT} (default: %(default)s)")
+                        f"about 21 minutes on a 2-core CPU, under {scales.LAPTOP_ROOT} (default: %(default)s)")
     p.add_argument("--root", type=path, default=None,
                    help=f"folder holding the run directories (training --save_dir; default: {DEFAULT_ROOT}, "
                         f"or {scales.LAPTOP_ROOT} for --scale laptop)")

@@ -145,6 +145,31 @@ def atomic_write(path, write):
         raise
 
 
+def write_pair(files):
+    """Write [(path, bytes)] so that they change together: every temporary file is written in full
+    before any is renamed into place (a full disk or a folder in the way changes none of them)."""
+    done = []
+    try:
+        for path, data in files:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".",
+                                       dir=os.path.dirname(os.path.abspath(path)))
+            done.append((tmp, path))
+            with naming(path), os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path in done:
+            os.chmod(tmp, 0o666 & ~umask)
+            with naming(path):
+                os.replace(tmp, path)
+    finally:
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def save_torch(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 

@@ -17,20 +17,19 @@ from contextlib import contextmanager
 
 import torch
 
-K_PAPER = 10
 BATCH = 128
-SHAPES = {"CIFAR": (3, 32, 32), "MNIST": (3, 32, 32)}  # MNIST is read as Grayscale(3), Resize(32)
+CIFAR = (3, 32, 32)  # one image as the loaders give it (MNIST too: read as Grayscale(3), Resize(32))
 CONFIGS = {"learned, d=512": dict(ETF_fc=False, fixdim=0), "fixed ETF, d=K": dict(ETF_fc=True, fixdim=None)}
-MiB = 2 ** 20
 
 
 def build(num_classes, ETF_fc, fixdim):
     """ResNet-18 (plain stem) with the classifier of a config; fixdim None means d = K."""
     from models import resnet18
-    return resnet18(num_classes, True, ETF_fc, num_classes if fixdim is None else fixdim, False)
+    return resnet18(num_classes, fc_bias=True, ETF_fc=ETF_fc, fixdim=num_classes if fixdim is None else fixdim,
+                    SOTA=False)
 
 
-def counts(num_classes, config, shape=SHAPES["CIFAR"]):
+def counts(num_classes, config, shape=CIFAR):
     """Parameters, trainable parameters, and the feature dimension d seen on a batch of 2."""
     model = build(num_classes, **CONFIGS[config])
     params = sum(p.numel() for p in model.parameters())
@@ -73,14 +72,14 @@ def _profiled_peak(run):
     return peak
 
 
-def measure(num_classes, config, device=None):
+def measure(num_classes, config, device="cpu"):
     """Counts, optimiser state (bytes) and peak memory of two training steps (bytes) of a config."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device)
     torch.manual_seed(0)
     model = build(num_classes, **CONFIGS[config]).to(dev)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
                           weight_decay=5e-4)
-    x = torch.randn(BATCH, *SHAPES["CIFAR"], device=dev)  # (B, 3, 32, 32)
+    x = torch.randn(BATCH, *CIFAR, device=dev)  # (B, 3, 32, 32)
     y = torch.nn.functional.one_hot(torch.randint(num_classes, (BATCH,), device=dev), num_classes).float()  # (B, K)
 
     def steps():
@@ -105,7 +104,7 @@ def cut(before, after):
     return 100.0 * (after / before - 1)
 
 
-def compare(num_classes, measure_peak=True, device=None):
+def compare(num_classes, measure_peak=True, device="cpu"):
     """({config: numbers}, {quantity: percent change of fixed ETF d = K against learned d = 512})."""
     rows = {c: measure(num_classes, c, device) if measure_peak else counts(num_classes, c) for c in CONFIGS}
     a, b = rows["learned, d=512"], rows["fixed ETF, d=K"]

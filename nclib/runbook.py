@@ -54,6 +54,9 @@ def plan(figures, root, epochs, gpu_id=None, data_dir=None, every_checkpoint=Fal
             uid = scale.run_name(flags) if scale else runs.run_name(runs.parse(flags))
             run_epochs = scale.epochs(flags) if scale else epochs  # a scale's flags carry its epochs
             run_dir = os.path.join(root, uid)
+            if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+                raise UserError(f"{run_dir} is not a folder, yet the runbook keeps run {uid} there: "
+                                "move it away or give another --root")
             run_dirs.append(run_dir)
             if uid in seen:
                 items.append(("#", f"{uid}: already above"))
@@ -273,6 +276,7 @@ def run(args):
     if scale and args.epochs != runs.EPOCHS:
         raise UserError(f"--scale {args.scale} sets each run's epochs itself: leave --epochs out")
     args.root = args.root or (scale.root if scale else DEFAULT_ROOT)
+    rundir.check_folder(args.root, "--root")
     scales.check_own_root(args.root, args.scale)
     figures = list(runs.FIGURES) if args.figure == "all" else [args.figure]
     items = plan(figures, args.root, args.epochs, args.gpu_id, args.data_dir, args.every_checkpoint, scale)

@@ -87,6 +87,22 @@ def check_is_dir_or_absent(path, flag):
         raise UserError(f"{flag} {path} is a file, not a folder; choose another {flag}")
 
 
+def check_folder(path, flag, must_exist=False):
+    """Refuse, in one line, a folder of runs that is a file, lies under a file, or cannot be looked
+    at (a symlink loop, no permission); an absent one too where must_exist."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if must_exist:
+            raise UserError(f"{flag} {path}: no such folder; give the folder of the run directories")
+        return
+    except NotADirectoryError:
+        raise UserError(f"{flag} {path} lies under a file, not a folder; choose another {flag}")
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be looked at ({e.strerror}); choose another {flag}")
+    check_is_dir_or_absent(path, flag)
+
+
 # ---------------------------------------------------------------------------- arguments
 
 # What args.json must hold: the options (args.train_parser's) that fix a run's numbers and that every

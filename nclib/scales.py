@@ -1,6 +1,6 @@
 """The runbook's scales: `paper` (runs.py's runs as the paper ran them) and `laptop` (the same
 figures on the 5,000 real MNIST digits in data/, small enough for all five figures, their plots
-and claims.py to finish in 30 minutes on a 2-core CPU).
+and claims.py to finish in 30 minutes on a 2-core CPU: 21 minutes measured).
 
 A scale is a table {figure: (plot script, {legend label: training flags})}, the run name of a
 flag string, and the root its run directories go under (two scales never share one). The laptop
@@ -12,7 +12,7 @@ import shlex
 from nclib import runs
 from nclib.base import UserError
 
-PAPER_SEED = 6  # args.py's default: the seed of every paper run
+PAPER_SEED = runs.parse("").seed  # args.py's default: the seed of every paper run
 SECOND_SEED = 7  # the second seed of the reference runs: the spread an accuracy comparison allows
 # The reference runs of the accuracy comparisons (etf-accuracy, dK-memory): the learned classifier
 # at d = 512 and at d = K, by their labels in the etf figure.
@@ -29,13 +29,19 @@ RMSE_LR = 0.002
 NC_EVERY = 3  # NC measured every 3rd epoch and after the last: 21 points per curve
 
 WHY = {
-    "dataset": f"--dataset {LAPTOP_DATASET}: CIFAR-10 and mini-ImageNet cannot be downloaded here; "
-               "the 5,000 real MNIST digits ship in data/ (mini-ImageNet's K = 100 becomes K = 10)",
+    "dataset": f"--dataset {LAPTOP_DATASET}: CIFAR-10 cannot be downloaded here; the 5,000 real MNIST digits "
+               "ship in data/",
+    "mini_imagenet": f"--dataset {LAPTOP_DATASET}: mini-ImageNet cannot be downloaded; the 5,000 real MNIST "
+                     "digits ship in data/ (K = 100 becomes K = 10)",
     "SOTA": "--SOTA dropped: its crop and flip augmentations are meant for natural images (a flipped digit "
             "is another glyph), and the plain stem (stride 4 before layer1) is far cheaper on a CPU",
-    "sample": f"--sample_size {SAMPLE} (LBFGS {LBFGS_SAMPLE}) per class instead of all",
-    "epochs": f"--epochs {EPOCHS} --patience {EPOCHS // 5} (LBFGS {LBFGS_EPOCHS} / {LBFGS_EPOCHS // 5}) "
-              "instead of 200 / 40: the same four learning-rate decays, in fewer epochs",
+    "sample": f"--sample_size {SAMPLE} per class instead of all",
+    "lbfgs_sample": f"--sample_size {SAMPLE} per class instead of all (LBFGS {LBFGS_SAMPLE}: its 200 images are "
+                    "one full batch of its 512, where the paper's LBFGS took mini-batches)",
+    "epochs": f"--epochs {EPOCHS} --patience {EPOCHS // 5} instead of 200 / 40: the same four learning-rate "
+              "decays, in fewer epochs",
+    "lbfgs_epochs": f"--epochs {EPOCHS} --patience {EPOCHS // 5} (LBFGS {LBFGS_EPOCHS} / {LBFGS_EPOCHS // 5}) "
+                    "instead of 200 / 40: the same four learning-rate decays, in fewer epochs",
     "nc_every": f"--nc_every {NC_EVERY}: NC measured every {NC_EVERY} epochs, not every epoch",
     "rmse_lr": f"--lr {RMSE_LR} for RescaledMSE instead of 0.01: targets up to M = 10 and weights up to "
                "k = 20 scale its gradients up to 20x; an earlier laptop plan used this rate "
@@ -71,7 +77,11 @@ def differences(figure):
     """One line: the laptop's flags that differ from the paper's in this figure, and why."""
     table = runs.FIGURES[figure][1]
     parsed = [runs.parse(f) for f in table.values()]
-    keys = ["dataset"] + (["SOTA"] if any(a.SOTA for a in parsed) else []) + ["sample", "epochs", "nc_every"]
+    lbfgs = any(a.optimizer == "LBFGS" for a in parsed)
+    keys = ["mini_imagenet" if any(a.dataset == "mini_imagenet" for a in parsed) else "dataset"]
+    keys += (["SOTA"] if any(a.SOTA for a in parsed) else [])
+    keys += ["lbfgs_sample", "lbfgs_epochs"] if lbfgs else ["sample", "epochs"]
+    keys += ["nc_every"]
     if any(a.loss == "RescaledMSE" for a in parsed):
         keys.append("rmse_lr")
     if figure == "etf":
@@ -120,6 +130,11 @@ class Scale:
         flags = self.table(figure)[1][label]
         return f"{flags} --seed {SECOND_SEED}"
 
+    def runs_under(self, root):
+        """The names of this scale's runs that have a folder under root."""
+        names = {self.run_name(flags) for figure in runs.FIGURES for flags in self.table(figure)[1].values()}
+        return sorted(n for n in names if os.path.isdir(os.path.join(root, n)))
+
     def plot_arguments(self, figure, root):
         """The plot script's arguments: the laptop's runs by label, its figures beside the paper's."""
         script = self.table(figure)[0]
@@ -141,8 +156,7 @@ def check_own_root(root, name):
         if os.path.normpath(root) == os.path.normpath(scale.root):
             raise UserError(f"--root {root} is the {other} scale's folder: leave --root out for --scale {name} "
                             f"(it keeps its runs under {Scale(name).root}) or give another folder")
-        for figure in runs.FIGURES:
-            for flags in scale.table(figure)[1].values():
-                if os.path.isdir(os.path.join(root, scale.run_name(flags))):
-                    raise UserError(f"--root {root} holds {other}-scale runs ({scale.run_name(flags)}): each scale "
-                                    f"keeps its own folder; leave --root out for --scale {name} or give another folder")
+        found = scale.runs_under(root)
+        if found:
+            raise UserError(f"--root {root} holds {other}-scale runs ({found[0]}): each scale keeps its own "
+                            f"folder; leave --root out for --scale {name} or give another folder")

@@ -4,6 +4,7 @@ dK-memory's measurement is tested in test_footprint.py, the laptop scale in test
 import json
 import math
 import os
+import pickle
 import shutil
 
 import pytest
@@ -90,6 +91,7 @@ def test_nc2_floor_is_the_least_nc2_of_a_rank_d_classifier():
         Q, _ = torch.linalg.qr(torch.eye(10, dtype=torch.float64) - 0.1)
         assert nc.NC2(Q[:, :d]).item() == pytest.approx(floor, abs=1e-12)
     assert claims.DK_NEAR_ZERO == pytest.approx(0.5 * math.sqrt(2 - 2 * math.sqrt(8 / 9)))
+    assert claims.NC4_TARGET == pytest.approx(10 ** -0.5, abs=1e-15)  # ||W mu_G + b|| = ||b*|| = ||1/K||
     assert [claims.simplex_reachable(d) for d in claims.DIMS] == [False, False, True, True, True]
 
 
@@ -102,17 +104,17 @@ FAKE_MEMORY = {K: ({"learned, d=512": {"params": 100, "trainable": 100, "peak_st
 
 
 def test_dk_memory_needs_the_memory_cut_and_the_accuracy(root, monkeypatch):
-    monkeypatch.setattr(claims, "memory", lambda: (FAKE_MEMORY, 5120))
+    monkeypatch.setattr(claims, "memory", lambda device: (FAKE_MEMORY, 5120))
     assert verdict(root, "dK-memory") == "holds"  # -30% peak memory, accuracy kept
     write_laptop_run(root, flags_of("etf", "fixed ETF, $d=10$"), {"test_acc1": 90.0})
     assert verdict(root, "dK-memory") == "fails"
     write_laptop_run(root, flags_of("etf", "fixed ETF, $d=10$"))
     small = {**FAKE_MEMORY, 10: (FAKE_MEMORY[10][0], {**FAKE_MEMORY[10][1], "peak_step_bytes": -15.0})}
-    monkeypatch.setattr(claims, "memory", lambda: (small, 5120))
+    monkeypatch.setattr(claims, "memory", lambda device: (small, 5120))
     assert verdict(root, "dK-memory") == "fails"
     shutil.rmtree(os.path.join(root, LAPTOP.run_name(flags_of("etf", "fixed ETF, $d=10$"))))
     assert verdict(root, "dK-memory") == "fails"  # a part measured without the runs failed already
-    monkeypatch.setattr(claims, "memory", lambda: (FAKE_MEMORY, 5120))
+    monkeypatch.setattr(claims, "memory", lambda device: (FAKE_MEMORY, 5120))
     assert verdict(root, "dK-memory") == "not run"
 
 
@@ -149,7 +151,7 @@ def test_ufm_saddles(monkeypatch):
 # ---------------------------------------------------------------------------- claims.py
 
 def test_claims_py_writes_the_table(root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(claims, "memory", lambda: (FAKE_MEMORY, 5120))
+    monkeypatch.setattr(claims, "memory", lambda device: (FAKE_MEMORY, 5120))
     monkeypatch.setattr(claims, "end_points", lambda m: [])  # none converged: fails, in no time
     out = tmp_path / "out"
     shutil.rmtree(os.path.join(root, LAPTOP.run_name(flags_of("optim", "Adam"))))
@@ -170,4 +172,96 @@ def test_bad_root_or_out_is_refused_in_one_line(tmp_path, capsys):
     assert "no such folder" in refused(capsys, claims_script.main, ["--root", str(tmp_path / "nothing")])
     assert "is a file" in refused(capsys, claims_script.main, ["--root", str(a_file)])
     assert "is a file" in refused(capsys, claims_script.main, ["--root", str(tmp_path), "--out", str(a_file)])
-    assert "cannot create" in refused(capsys, claims_script.main, ["--root", str(tmp_path), "--out", str(a_file / "x")])
+    assert "lies under a file" in refused(capsys, claims_script.main,
+                                          ["--root", str(tmp_path), "--out", str(a_file / "x")])
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    for flag in ("--root", "--out"):
+        argv = ["--root", str(tmp_path), flag, str(loop)]
+        assert "cannot be looked at (Too many levels of symbolic links)" in refused(capsys, claims_script.main, argv)
+    out = tmp_path / "out"
+    (out / "claims.json").mkdir(parents=True)
+    line = refused(capsys, claims_script.main, ["--root", str(tmp_path), "--out", str(out)])
+    assert "claims.json there is not a file" in line, line
+    assert os.listdir(out) == ["claims.json"]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    def denied(*args, **kwargs):  # what a read-only folder gives, even where os.access says yes (root)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(claims_script.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(claims, "evaluate", lambda *a: pytest.fail("measured before refusing"))
+    line = refused(capsys, claims_script.main, ["--root", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "cannot be written (Permission denied)" in line, line
+
+
+def test_both_files_change_together(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(claims, "memory", lambda device: (FAKE_MEMORY, 5120))
+    monkeypatch.setattr(claims, "end_points", lambda m: [])
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("claims.md", "claims.json"):
+        (out / name).write_text("old")
+    real = os.replace
+
+    def replace(src, dst):  # the disk fills as the first rename is about to happen
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        claims_script.main(["--root", root, "--out", str(out)])
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(os.listdir(out)) == ["claims.json", "claims.md"]  # no temporary file left
+    assert all((out / name).read_text() == "old" for name in ("claims.json", "claims.md"))
+
+
+def test_without_root_each_scale_reads_its_own_folder(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(claims, "memory", lambda device: (FAKE_MEMORY, 5120))
+    monkeypatch.setattr(claims, "end_points", lambda m: [])
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("model_weights")
+    shutil.move(root, os.path.join("model_weights", "laptop"))
+    for argv in ([], ["--scale", "laptop"]):
+        rows = claims_script.main(argv + ["--out", "out"])
+        assert "runs under model_weights/laptop" in capsys.readouterr().out
+        assert [r["verdict"] for r in rows][:3] == ["holds", "holds", "holds"]
+    rows = claims_script.main(["--scale", "paper", "--out", "out"])
+    assert "runs under model_weights:" in capsys.readouterr().out
+    assert {r["verdict"] for r in rows[:6]} == {"not run"}
+
+
+# ---------------------------------------------------------------------------- damaged values
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None, "x", [0.1, 0.2], 1e6, -1.0])
+def test_a_value_that_is_no_measurement_makes_the_claim_not_run(root, bad):
+    """Never `holds` from a damaged record: an inf spread of the second seed once accepted any
+    accuracy, an inf NC1 of M = k = 1 any rescaled run."""
+    write_laptop_run(root, flags_of("etf", "fixed ETF, $d=512$"), {"test_acc1": 50.0})
+    assert verdict(root, "etf-accuracy") == "fails"
+    second = LAPTOP.second_seed("etf", "learned, $d=512$")
+    write_laptop_run(root, second)
+    with_bad_final(root, second, "test_acc1", bad)
+    assert verdict(root, "etf-accuracy") == "not run"
+    for label in ("$M=1$", "$M=5$"):
+        write_laptop_run(root, flags_of("M", label), {"collapse_metric": 5.0})
+    if bad != 1e6 and bad != -1.0:  # accuracies only are bounded
+        with_bad_final(root, flags_of("M", "$M=1$"), "collapse_metric", bad)
+        assert verdict(root, "rescaled-trend") == "not run"
+
+
+def test_a_missing_or_malformed_column_makes_the_claim_not_run(root):
+    run_dir = os.path.join(root, LAPTOP.run_name(flags_of("optim", "SGD")))
+    info = rundir.read_info(run_dir)
+    for damage in ({"ETF_metric": None}, {"ETF_metric": 0.3}, {"collapse_metric": "x"}):
+        damaged = {k: v for k, v in {**info, **damage}.items() if v is not None}
+        with open(os.path.join(run_dir, rundir.INFO), "wb") as f:
+            pickle.dump(damaged, f)
+        assert verdict(root, "optim-nc") == "not run", damage
+
+
+def with_bad_final(root, flags, key, bad):
+    """Replace the last epoch's `key` in a run's info.pkl with `bad`."""
+    run_dir = os.path.join(root, LAPTOP.run_name(flags))
+    info = rundir.read_info(run_dir)
+    info[key] = list(info[key])[:-1] + [bad]
+    with open(os.path.join(run_dir, rundir.INFO), "wb") as f:
+        pickle.dump(info, f)

@@ -311,3 +311,24 @@ def test_a_signal_to_the_runbook_stops_its_command_and_waits_for_it(tmp_path, ca
         os.kill(int(pid_file.read_text()), 0)
     assert signal.getsignal(signum) is default
     assert "stopped by signal" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", ["paper", "laptop"])
+def test_a_root_that_cannot_hold_runs_is_refused_in_one_line(tmp_path, capsys, scale):
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    for root, what in ((a_file, "is a file, not a folder"), (a_file / "sub", "lies under a file"),
+                       (loop, "cannot be looked at (Too many levels of symbolic links)")):
+        line = refused(capsys, experiments.main, ["--scale", scale, "--figure", "optim", "--root", str(root)])
+        assert what in line, line
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_run_directory_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    name = runs.figure_runs("optim")["SGD"]
+    (tmp_path / name).write_text("keep me")
+    line = refused(capsys, experiments.main, ["--figure", "optim", "--root", str(tmp_path)])
+    assert f"{tmp_path / name} is not a folder, yet the runbook keeps run {name} there" in line, line
+    assert (tmp_path / name).read_text() == "keep me"
