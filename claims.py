@@ -13,7 +13,7 @@ import tempfile
 
 from args import Parser, path
 from nclib import claims, rundir, scales
-from nclib.base import UserError, get_device, write_pair
+from nclib.base import UserError, atomic_write_all, get_device
 from nclib.cli import run_main
 
 OUTPUTS = ("claims.md", "claims.json")
@@ -64,7 +64,8 @@ def main(argv=None):
     table = claims.markdown(rows)
     print(f"claims at {scale} scale, runs under {args.root}:\n\n{table}")
     paths = [os.path.join(args.out, name) for name in OUTPUTS]
-    write_pair(list(zip(paths, (table.encode(), json.dumps(rows, indent=1).encode()))))
+    contents = (table.encode(), json.dumps(rows, indent=1).encode())
+    atomic_write_all((target, lambda f, data=data: f.write(data)) for target, data in zip(paths, contents))
     print(f"written: {', '.join(paths)}")
     return rows
 

@@ -160,7 +160,7 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, arrays):
-    """Written atomically (utils.atomic_write), so readers and other writers see the old file or the whole
+    """Written atomically (nclib.base.atomic_write), so readers and other writers see the old file or the whole
     new one. Where the folder is not writable, say so in one line and go on without the cache."""
     try:
         atomic_write(path, lambda f: np.savez(f, key=np.array(key), **arrays))

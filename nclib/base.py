@@ -127,47 +127,34 @@ def atomic_write(path, write):
     A process killed at any instant leaves either the old file or the new one, never half of one;
     a write that fails leaves the old file too, and raises an OSError naming `path`.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with naming(path):
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_all([(path, write)])
 
 
-def write_pair(files):
-    """Write [(path, bytes)] so that they change together: every temporary file is written in full
-    before any is renamed into place (a full disk or a folder in the way changes none of them)."""
-    done = []
+def atomic_write_all(files):
+    """atomic_write of several [(path, write)] that change together: every temporary file is whole
+    on disk before any is renamed into place, so a write that fails (a full disk, a folder in the
+    way) changes none of them."""
+    files, tmps = list(files), []
     try:
-        for path, data in files:
+        for path, write in files:
             fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".",
                                        dir=os.path.dirname(os.path.abspath(path)))
-            done.append((tmp, path))
-            with naming(path), os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmps.append(tmp)
+            with naming(path):
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        for tmp, path in done:
-            os.chmod(tmp, 0o666 & ~umask)
-            with naming(path):
-                os.replace(tmp, path)
-    finally:
-        for tmp, _ in done:
+        for tmp, (path, _) in zip(tmps, files):
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        raise
 
 
 def save_torch(obj, path):

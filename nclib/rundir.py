@@ -19,7 +19,7 @@
     .results.lock    held, for the moment of a write, by whoever writes nc_results/, info.pkl or test_log.txt
                      (a validation and a training that measures as it goes take turns)
 
-Every file is written to a temporary name beside it and renamed into place (utils.atomic_write),
+Every file is written to a temporary name beside it and renamed into place (nclib.base.atomic_write),
 so a process killed at any instant leaves whole files only, plus at most one `.tmp_*` file, which
 the next process that holds the lock of its kind removes.
 
@@ -51,7 +51,7 @@ CHECKPOINT = re.compile(r"^epoch_(\d{3,})\.pth$")
 RESULT = re.compile(r"^epoch_(\d{3,})\.pkl$")
 # Results of one checkpoint kept under different keys (data, model flags, metric version): the newest.
 RESULTS_PER_CHECKPOINT = 4
-# What a process killed mid-save leaves behind: the temporary files of utils.atomic_write, named
+# What a process killed mid-save leaves behind: the temporary files of nclib.base.atomic_write, named
 # .tmp_<file>.<random>. Those of the results are written under RESULTS_LOCK, the others by training.
 STALE = (".tmp_*",)
 STALE_RESULTS = (f".tmp_{INFO}.*", f".tmp_{TEST_LOG}.*", f"{RESULTS}/.tmp_*")
