@@ -31,11 +31,16 @@ def build(num_classes, ETF_fc, fixdim):
 
 def counts(num_classes, config, shape=CIFAR):
     """Parameters, trainable parameters, and the feature dimension d seen on a batch of 2."""
-    model = build(num_classes, **CONFIGS[config])
+    return model_counts(build(num_classes, **CONFIGS[config]), num_classes, shape)
+
+
+def model_counts(model, num_classes, shape=CIFAR):
+    """counts() of a model already built (on any device); leaves it in eval mode."""
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
-        logits, h = model.eval()(torch.zeros(2, *shape))  # (2, K), (2, d)
+        x = torch.zeros(2, *shape, device=next(model.parameters()).device)  # (2, 3, 32, 32)
+        logits, h = model.eval()(x)  # (2, K), (2, d)
     assert logits.shape == (2, num_classes)
     return {"params": params, "trainable": trainable, "d": h.shape[1]}
 
@@ -95,7 +100,7 @@ def measure(num_classes, config, device="cpu"):
     else:
         peak = _profiled_peak(steps)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return {**counts(num_classes, config), "optimizer_state_bytes": state, "peak_step_bytes": peak,
+    return {**model_counts(model, num_classes), "optimizer_state_bytes": state, "peak_step_bytes": peak,
             "device": str(dev)}
 
 
